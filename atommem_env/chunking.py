@@ -1,0 +1,103 @@
+"""Splitting a task's document into chunks of at most `chunk_tokens` tokens, lazily.
+
+Each paragraph is rendered as ``Document i: <title>`` followed by its text. Chunks pack whole
+paragraphs; a paragraph longer than a chunk is cut at token boundaries. With `overlap > 0`
+(the paper's 100 tokens) each chunk also shows that many tokens before and after its span.
+
+Only per-paragraph token counts are computed up front (cached by paragraph text, so the
+distractor paragraphs shared by many composed documents are counted once); chunk text is built
+when asked for. Memory stays about the size of the document.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from .tasks import Paragraph
+from .tokens import TokenCounter
+
+_COUNT_CACHE_LIMIT = 500_000
+
+
+def render_paragraph(index: int, paragraph: Paragraph) -> str:
+    """`index` is 0-based; documents are numbered from 1 in the text."""
+    return f"Document {index + 1}: {paragraph.title}\n{paragraph.text}"
+
+
+class Chunker:
+    def __init__(self, paragraphs, counter: TokenCounter, chunk_tokens: int, overlap: int = 0,
+                 count_cache: dict | None = None):
+        if chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        if overlap < 0:
+            raise ValueError(f"chunk overlap must be >= 0, got {overlap}")
+        self.paragraphs = paragraphs
+        self.counter = counter
+        self.chunk_tokens = chunk_tokens
+        self.overlap = overlap
+        cache = count_cache if count_cache is not None else {}
+        counts = np.empty(len(paragraphs), dtype=np.int64)
+        for i, p in enumerate(paragraphs):
+            n = cache.get(p.text)
+            if n is None:
+                n = counter.count(p.text)
+                if len(cache) < _COUNT_CACHE_LIMIT:
+                    cache[p.text] = n
+            counts[i] = n + counter.count(f"Document {i + 1}: {p.title}\n")
+        self.counts = counts
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.total_tokens = int(self.offsets[-1])
+        self.bounds = self._pack()
+
+    def _pack(self) -> list[tuple[int, int]]:
+        """[start, end) global token positions of each chunk."""
+        bounds: list[tuple[int, int]] = []
+        start = 0
+        for i, n in enumerate(self.counts.tolist()):
+            p_start, p_end = int(self.offsets[i]), int(self.offsets[i + 1])
+            if p_end - start <= self.chunk_tokens:
+                continue
+            if p_start > start:  # close the chunk before this paragraph
+                bounds.append((start, p_start))
+                start = p_start
+            while p_end - start > self.chunk_tokens:  # cut an oversize paragraph
+                bounds.append((start, start + self.chunk_tokens))
+                start += self.chunk_tokens
+        if start < self.total_tokens or not bounds:
+            bounds.append((start, self.total_tokens))
+        return bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def chunk_token_count(self, index: int) -> int:
+        start, end = self._span(index)
+        return end - start
+
+    def _span(self, index: int) -> tuple[int, int]:
+        start, end = self.bounds[index]
+        return max(0, start - self.overlap), min(self.total_tokens, end + self.overlap)
+
+    def chunk(self, index: int) -> str:
+        start, end = self._span(index)
+        return self.text_of_range(start, end)
+
+    def text_of_range(self, start: int, end: int) -> str:
+        pieces = []
+        first = bisect.bisect_right(self.offsets, start) - 1
+        for i in range(first, len(self.paragraphs)):
+            p_start, p_end = int(self.offsets[i]), int(self.offsets[i + 1])
+            if p_start >= end:
+                break
+            text = render_paragraph(i, self.paragraphs[i])
+            if start <= p_start and p_end <= end:
+                pieces.append(text)
+                continue
+            spans = self.counter.spans(text)
+            lo = max(start - p_start, 0)
+            hi = min(end - p_start, len(spans))
+            if lo < hi:
+                pieces.append(text[spans[lo][0]:spans[hi - 1][1]])
+        return "\n\n".join(pieces)

@@ -1,0 +1,42 @@
+"""Task sources: real multi-hop QA files, long-context composition, and the synthetic generator."""
+
+from __future__ import annotations
+
+from ..tokens import make_token_counter
+from .compose import SPLITS, ComposedTaskSource, select_split, split_of
+from .loaders import DATASETS, DataFormatError, LoadStats, QAItem, load_items
+from .synthetic import SyntheticTaskSource, generate_task
+
+__all__ = ["make_task_source", "load_items", "ComposedTaskSource", "SyntheticTaskSource", "generate_task",
+           "DataFormatError", "LoadStats", "QAItem", "DATASETS", "SPLITS", "select_split", "split_of"]
+
+
+def make_task_source(dataset: str = "synthetic", *, data_path=None, split: str = "all", context_tokens=None,
+                     num_documents=None, multi_query: bool = False, synthetic: dict | None = None,
+                     max_tasks: int | None = None, skip_malformed: bool = False, seed: int = 0,
+                     token_counter="regex"):
+    """The env's task source from plain arguments (so `gym.make` kwargs stay simple values).
+
+    - "synthetic": `synthetic` holds the generator's knobs (hops, distractors, volatility,
+      questions, ...); `context_tokens` sets the document length; `max_tasks` bounds the pool.
+    - "hotpotqa" / "2wiki" / "musique": `data_path` is the user's file; `split`, `context_tokens`,
+      `num_documents` and `multi_query` as in `ComposedTaskSource`; `max_tasks` keeps the first N.
+    """
+    if max_tasks is not None and max_tasks <= 0:
+        raise ValueError(f"max_tasks must be positive or None, got {max_tasks}")
+    if dataset == "synthetic":
+        if data_path is not None:
+            raise ValueError("the synthetic dataset takes no data_path")
+        if multi_query or num_documents is not None:
+            raise ValueError("for several questions per synthetic task use synthetic={'questions': n}")
+        knobs = dict(synthetic or {})
+        if context_tokens is not None:
+            knobs["context_tokens"] = context_tokens
+        return SyntheticTaskSource(split=split, num_tasks=max_tasks, seed=seed, **knobs)
+    if synthetic:
+        raise ValueError(f"synthetic= knobs apply to the synthetic dataset, not {dataset!r}")
+    items = select_split(load_items(dataset, data_path, skip_malformed=skip_malformed), split)
+    if max_tasks is not None:
+        items = items[:max_tasks]
+    return ComposedTaskSource(items, make_token_counter(token_counter), context_tokens=context_tokens,
+                              num_documents=num_documents, multi_query=multi_query, seed=seed, name=dataset)

@@ -1,0 +1,292 @@
+"""Seeded multi-hop questions over an invented world: no downloads, any length, any difficulty.
+
+A task is built from its seed alone:
+
+1. Entities with invented names (people, companies, cities, countries), unique within the task.
+2. For each question a chain of `hops` typed, functional relations from a start entity, e.g.
+   company -founded_by-> person -born_in-> city -located_in-> country; the question nests one
+   phrase per hop ("What is the country that contains the city where the founder of Quenlo
+   Works was born?") and the gold answer is the chain's last entity (unique by construction).
+3. Volatile facts (probability `volatility` per changeable hop): the document first states a
+   stale value, and later a sentence supersedes it ("... has since moved to ..."); the stale
+   value has facts of its own, so an agent that never updates its memory answers wrongly.
+   With the same probability the answer entity is renamed after it was mentioned
+   ("X was renamed Y"), and the gold answer is the current name.
+4. `distractors` facts about look-alike entities (one letter changed) with the same relations.
+5. Filler sentences (common words only, never an entity name) up to `context_tokens` tokens.
+
+Sentences are grouped into titled paragraphs ("Record k"). Every question carries its
+supporting facts in document order, stale ones marked `current=False` and tied to the fact that
+supersedes them by `key`, so an oracle can replay Create/Update on them.
+
+Splits: train tasks use even seeds, eval tasks odd ones, so the two never share a task: task `i`
+of a split has seed `2i` (train), `2i+1` (eval) or `i` ("all"), plus `seed * 2**32`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..tasks import Paragraph, Question, SupportingFact, Task
+from ..tokens import RegexTokenCounter
+
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kl", "l", "m", "n", "p", "pr", "qu", "r", "s", "st", "t",
+           "tr", "v", "z", "th", "sh", "h", "j"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou", "y"]
+_CODAS = ["", "n", "r", "l", "s", "th", "k", "m", "nd", "rt", "x", "v"]
+_KIND_SUFFIX = {
+    "city": ["holm", "ford", "ara", "vik", "burg", "ton", "mere", "stad"],
+    "country": ["ia", "land", "stan", "ora", "esh", "mar"],
+    "company": [" Works", " Systems", " Holdings", " Labs", " Foods", " Motors", " Media"],
+}
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    subject: str
+    object: str
+    statement: str
+    phrase: str
+    change: str | None = None
+    """How a later sentence supersedes the value; None for facts that never change."""
+
+
+RELATIONS = (
+    Relation("born_in", "person", "city", "{s} was born in {o}.", "the city where {x} was born"),
+    Relation("lives_in", "person", "city", "{s} lives in {o}.", "the city where {x} lives",
+             "{s} has since moved to {o}."),
+    Relation("works_for", "person", "company", "{s} works for {o}.", "the company that employs {x}",
+             "{s} left that job and now works for {o}."),
+    Relation("married_to", "person", "person", "{s} is married to {o}.", "the spouse of {x}"),
+    Relation("founded_by", "company", "person", "{s} was founded by {o}.", "the founder of {x}"),
+    Relation("headquartered_in", "company", "city", "{s} is headquartered in {o}.",
+             "the city where {x} has its headquarters", "{s} has moved its headquarters to {o}."),
+    Relation("located_in", "city", "country", "{s} is a city in {o}.", "the country that contains {x}"),
+    Relation("led_by", "country", "person", "The head of state of {s} is {o}.", "the head of state of {x}",
+             "{o} has become the new head of state of {s}."),
+)
+_BY_SUBJECT = {kind: [r for r in RELATIONS if r.subject == kind] for kind in ("person", "company", "city", "country")}
+_RENAMABLE = ("company", "city", "country")
+
+_FILLER_TEMPLATES = [
+    "The {adj} {noun} near the {place} was {verb} during the {season}.",
+    "Many {people} say the {noun} is {adj} in the {season}.",
+    "A {adj} {noun} was {verb} by local {people} last {season}.",
+    "Reports about the {place} describe a {adj} {noun}.",
+    "The {people} of the {place} often talk about the {adj} {noun}.",
+    "In the {season}, the {place} hosts a {adj} festival of {noun}s.",
+]
+_FILLER_WORDS = {
+    "adj": ["quiet", "old", "busy", "narrow", "bright", "green", "famous", "small", "ancient", "modern", "windy"],
+    "noun": ["bridge", "market", "garden", "library", "harbour", "tower", "square", "mill", "theatre", "orchard"],
+    "place": ["valley", "river bank", "old quarter", "coast", "hill", "lake shore", "railway station", "plain"],
+    "verb": ["repaired", "painted", "visited", "rebuilt", "photographed", "extended", "cleaned", "opened"],
+    "people": ["farmers", "students", "travellers", "merchants", "historians", "fishermen", "artists"],
+    "season": ["spring", "summer", "autumn", "winter", "harvest", "rainy season"],
+}
+
+
+@dataclass
+class _Fact:
+    text: str
+    key: str = ""
+    current: bool = True
+    after: int | None = None
+    """Index of a fact this one must follow in the document."""
+    question: int | None = None
+    """The question this fact supports (None for distractors)."""
+
+
+class SyntheticWorld:
+    """Builds one task from a seed; see the module docstring."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.names: set[str] = set()
+
+    def _syllable(self) -> str:
+        r = self.rng
+        return _ONSETS[r.integers(len(_ONSETS))] + _VOWELS[r.integers(len(_VOWELS))] + _CODAS[r.integers(len(_CODAS))]
+
+    def new_name(self, kind: str) -> str:
+        for _ in range(1000):
+            base = "".join(self._syllable() for _ in range(int(self.rng.integers(2, 4)))).capitalize()
+            if kind == "person":
+                name = f"{base} {''.join(self._syllable() for _ in range(2)).capitalize()}"
+            else:
+                suffixes = _KIND_SUFFIX[kind]
+                name = base + suffixes[self.rng.integers(len(suffixes))]
+            if name not in self.names:
+                self.names.add(name)
+                return name
+        raise RuntimeError("could not draw a fresh entity name")
+
+    def look_alike(self, name: str) -> str:
+        """The same name with one letter of its first word changed."""
+        letters = "aeioulnrst"
+        for _ in range(1000):
+            pos = int(self.rng.integers(1, max(2, name.find(" ") if " " in name else len(name))))
+            candidate = name[:pos] + letters[self.rng.integers(len(letters))] + name[pos + 1:]
+            if candidate != name and candidate not in self.names:
+                self.names.add(candidate)
+                return candidate
+        raise RuntimeError("could not draw a look-alike name")
+
+    def chain(self, hops: int) -> tuple[list[str], list[Relation]]:
+        """A start entity and `hops` relations, each object a fresh entity."""
+        for _ in range(1000):
+            kind = ("person", "company", "city", "country")[self.rng.integers(4)]
+            relations = []
+            for _ in range(hops):
+                options = _BY_SUBJECT[kind]
+                relation = options[self.rng.integers(len(options))]
+                relations.append(relation)
+                kind = relation.object
+            if relations[-1].object != "person" or hops == 1 or self.rng.random() < 0.5:
+                start = self.new_name(relations[0].subject)
+                return [start] + [self.new_name(r.object) for r in relations], relations
+        raise RuntimeError("unreachable: every kind has relations")
+
+
+def _question_text(start: str, relations: list[Relation]) -> str:
+    phrase = start
+    for relation in relations:
+        phrase = relation.phrase.format(x=phrase)
+    return f"What is {phrase}?"
+
+
+def _filler_sentences(rng: np.random.Generator, count: int) -> list[str]:
+    """`count` filler sentences, with every random choice drawn in a few vectorised calls."""
+    templates = rng.integers(len(_FILLER_TEMPLATES), size=count)
+    picks = {key: rng.integers(len(words), size=count) for key, words in _FILLER_WORDS.items()}
+    sentences = []
+    for i in range(count):
+        words = {key: _FILLER_WORDS[key][picks[key][i]] for key in _FILLER_WORDS}
+        sentences.append(_FILLER_TEMPLATES[templates[i]].format(**words))
+    return sentences
+
+
+def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int = 6, volatility: float = 0.3,
+                  context_tokens: int = 2000, questions: int = 1, sentences_per_paragraph: tuple[int, int] = (4, 8),
+                  task_id: str | None = None) -> Task:
+    """One synthetic task; the same arguments always give the same task."""
+    low, high = hops
+    if not 1 <= low <= high <= 6:
+        raise ValueError(f"hops must satisfy 1 <= min <= max <= 6, got {hops}")
+    if distractors < 0 or questions < 1 or context_tokens < 1:
+        raise ValueError("distractors must be >= 0, questions >= 1 and context_tokens >= 1")
+    if not 0.0 <= volatility <= 1.0:
+        raise ValueError(f"volatility must be in [0, 1], got {volatility}")
+    rng = np.random.default_rng(seed)
+    world = SyntheticWorld(rng)
+    facts: list[_Fact] = []
+    qa: list[tuple[str, str]] = []
+    for q in range(questions):
+        entities, relations = world.chain(int(rng.integers(low, high + 1)))
+        for hop, relation in enumerate(relations):
+            subject, obj = entities[hop], entities[hop + 1]
+            key = f"{subject}|{relation.name}"
+            if relation.change is not None and rng.random() < volatility:
+                stale = world.new_name(relation.object)
+                facts.append(_Fact(relation.statement.format(s=subject, o=stale), key, current=False, question=q))
+                facts.append(_Fact(relation.change.format(s=subject, o=obj), key, after=len(facts) - 1, question=q))
+                if hop + 1 < len(relations):  # the stale value leads somewhere else
+                    nxt = relations[hop + 1]
+                    facts.append(_Fact(nxt.statement.format(s=stale, o=world.new_name(nxt.object))))
+            else:
+                facts.append(_Fact(relation.statement.format(s=subject, o=obj), key, question=q))
+        answer = entities[-1]
+        if relations[-1].object in _RENAMABLE and rng.random() < volatility:
+            new = world.new_name(relations[-1].object)
+            last_mention = max(i for i, f in enumerate(facts) if answer in f.text)
+            facts.append(_Fact(f"{answer} was renamed {new}.", f"{answer}|name", after=last_mention, question=q))
+            answer = new
+        qa.append((_question_text(entities[0], relations), answer))
+        for _ in range(distractors // questions + (q < distractors % questions)):
+            hop = int(rng.integers(len(relations)))
+            relation = relations[hop]
+            twin = world.look_alike(entities[hop])
+            facts.append(_Fact(relation.statement.format(s=twin, o=world.new_name(relation.object))))
+
+    counter = RegexTokenCounter()
+    fact_tokens = sum(counter.count(f.text) for f in facts)
+    filler_needed = max(0, context_tokens - fact_tokens)
+    filler = _filler_sentences(rng, filler_needed // 12 + 1) if filler_needed else []
+
+    # Positions in the sentence stream: random, then pushed later where a fact must follow another.
+    total = len(filler) + len(facts)
+    positions = np.sort(rng.choice(total, size=len(facts), replace=False)).tolist()
+    rng.shuffle(positions)
+    swapped = True
+    while swapped:  # constraints form short chains (stale -> change -> rename): a few passes settle them
+        swapped = False
+        for i, fact in enumerate(facts):
+            if fact.after is not None and positions[i] < positions[fact.after]:
+                positions[i], positions[fact.after] = positions[fact.after], positions[i]
+                swapped = True
+    stream: list[object] = list(filler)
+    for pos, i in sorted((p, i) for i, p in enumerate(positions)):
+        stream.insert(pos, facts[i])
+
+    paragraphs, located = [], {}
+    cursor = 0
+    lo, hi = sentences_per_paragraph
+    while cursor < len(stream):
+        size = int(rng.integers(lo, hi + 1))
+        title = f"Record {len(paragraphs) + 1}"
+        sentences = []
+        for j, item in enumerate(stream[cursor:cursor + size]):
+            if isinstance(item, _Fact):
+                located[id(item)] = (title, j)
+                sentences.append(item.text)
+            else:
+                sentences.append(item)
+        paragraphs.append(Paragraph(title, " ".join(sentences)))
+        cursor += size
+
+    questions_out = []
+    for q, (question, answer) in enumerate(qa):
+        supporting = sorted(
+            (SupportingFact(title=located[id(f)][0], sentence_index=located[id(f)][1], text=f.text, key=f.key,
+                            current=f.current) for f in facts if f.question == q),
+            key=lambda s: (int(s.title.split()[1]), s.sentence_index))
+        questions_out.append(Question(question=question, answers=(answer,), supporting_facts=tuple(supporting),
+                                      question_id=f"synthetic-{seed}-{q}"))
+    return Task(task_id=task_id or f"synthetic-{seed}", paragraphs=tuple(paragraphs), questions=tuple(questions_out),
+                metadata=(("dataset", "synthetic"), ("seed", seed), ("context_tokens", context_tokens),
+                          ("hops", hops), ("distractors", distractors), ("volatility", volatility)))
+
+
+class SyntheticTaskSource:
+    """Synthetic tasks by index; `num_tasks=None` makes the source unbounded (sampling draws any index)."""
+
+    SPLITS = ("all", "train", "eval")
+
+    def __init__(self, split: str = "all", num_tasks: int | None = None, seed: int = 0, **knobs):
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
+        if num_tasks is not None and num_tasks <= 0:
+            raise ValueError(f"num_tasks must be positive or None, got {num_tasks}")
+        knobs.setdefault("context_tokens", 2000)
+        if "hops" in knobs:
+            knobs["hops"] = tuple(knobs["hops"])
+        generate_task(0, **knobs)  # validates the knobs now rather than at the first reset
+        self.split = split
+        self.num_tasks = num_tasks
+        self.seed = seed
+        self.knobs = knobs
+
+    def task_seed(self, index: int) -> int:
+        base = {"all": index, "train": 2 * index, "eval": 2 * index + 1}[self.split]
+        return self.seed * 2**32 + base  # an even offset keeps train seeds even and eval seeds odd
+
+    def get(self, index: int) -> Task:
+        if index < 0 or (self.num_tasks is not None and index >= self.num_tasks):
+            raise IndexError(f"task index {index} out of range [0, {self.num_tasks})")
+        return generate_task(self.task_seed(index), task_id=f"synthetic-{self.split}-{index}", **self.knobs)
+
+    def sample(self, rng: np.random.Generator) -> Task:
+        return self.get(int(rng.integers(self.num_tasks if self.num_tasks is not None else 2**31)))

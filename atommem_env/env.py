@@ -1,0 +1,465 @@
+"""The AtomMem environment: read a long document chunk by chunk, keep memory with CRUD ops, answer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from .chunking import Chunker
+from .embedders import get_embedder
+from .memory import MemoryOpError, Scratchpad, VectorMemory
+from .protocols import (OP_NAMES, PROTOCOLS, Answer, Create, Delete, Read, SetQuery, SetScratchpad, Update,
+                        parse_action)
+from .spaces import UnicodeText
+from .scoring import boxed_match, exact_match, f1_score, last_boxed
+from .tasks import Task, TaskSource
+from .tokens import make_token_counter
+
+MEMORY_OPS = ("create", "read", "update", "delete")
+ALL_OPS = MEMORY_OPS + ("scratchpad", "query")
+_TEXT_LIMIT = 1 << 30
+_COUNTER = spaces.Box(low=0, high=np.iinfo(np.int64).max, shape=(), dtype=np.int64)
+_FEEDBACK_CHARS = 2000
+
+
+class AtomMemEnv(gym.Env):
+    """
+    ## Description
+    A question-answering POMDP over a long document. The agent sees the document one chunk at a
+    time and must answer multi-hop question(s) at the end. It cannot look back: what it needs
+    later it must keep in its memory, a scratchpad shown at every step plus a vector store it
+    reaches only through atomic operations written as text: Create, Read (top-k semantic
+    search), Update and Delete by id. The full store is never shown.
+
+    ## Action Space
+    `UnicodeText(max_action_chars)`: any string. Operations are tags (see
+    `atommem_env.protocols` for the grammar), free text around them is ignored::
+
+        <create>text</create>  <read>query</read>  <update id="3">text</update>  <delete id="3"/>
+        <scratchpad>text</scratchpad>  <answer>text</answer>  (<answer q="2"> with several questions)
+
+    With `protocol="paper"` the official AtomMem tags are read instead (`<add_memory>`,
+    `<update_memory>`, `<update_query>`, `<modify_memory>Memory i: ...`, `<delete_memory>Memory i`,
+    `<final_answer>\\boxed{...}`). Every string is a valid action: malformed tags, unknown ids,
+    disabled operations or over-long actions produce error messages in the next observation's
+    `feedback` and count in `info["invalid_ops"]`; the memory is left as it was for those ops.
+
+    ## Observation Space
+    `Dict` of Unicode text and integer counters:
+
+    | key | content |
+    |---|---|
+    | question | the question; with several, one per line as `Q1: ...` |
+    | chunk | the current chunk of the document ("" in the answer phase) |
+    | scratchpad | the scratchpad's text ("" when disabled) |
+    | retrieved | the entries found by the last step's Reads as `[id N] text` lines (paper protocol: `Memory i: text` for the persistent query) |
+    | feedback | errors and results of the last action (ids created, ...) |
+    | chunk_index | 0-based index of the chunk shown; equals num_chunks in the answer phase |
+    | num_chunks | chunks in this document |
+    | memory_size | entries in the vector store |
+    | reads_left | further steps allowed on this chunk (answer phase: steps left to answer) |
+
+    ## Rewards
+    At the last step: the mean over questions of exact match (SQuAD normalisation: lower case, no
+    punctuation or articles; paper protocol: the last `\\boxed{}` lower-cased without spaces)
+    between the answer and any gold answer: 1 or 0 for one question; unanswered questions score 0.
+    Optional shaping: `-invalid_op_penalty` per invalid operation at every step (0 by default).
+
+    ## Starting State
+    `reset` draws a task from the task source with `self.np_random` (or takes
+    `options={"task_index": i}` / `options={"task": Task}`), chunks its document and empties the
+    memory and scratchpad. The first observation shows chunk 0.
+
+    ## Episode End
+    A step without a Read moves to the next chunk; a step with a Read stays on the chunk so the
+    agent sees the results, at most `max_reads_per_chunk` times (paper protocol: the chunk moves
+    on only when the action adds or modifies an entry, again at most `max_reads_per_chunk`
+    steps on a chunk). After the last chunk comes the answer phase (no chunk): Answers are accepted
+    there only. Termination: every question answered. Truncation: `max_answer_steps` answer-phase
+    steps without all answers.
+
+    ## Arguments
+    - `dataset`: "synthetic" (default; no data files), "hotpotqa", "2wiki", "musique", or a TaskSource.
+    - `data_path`, `split`, `context_tokens`, `num_documents`, `multi_query`, `synthetic`,
+      `max_tasks`, `skip_malformed`: passed to `atommem_env.data.make_task_source`.
+    - `chunk_tokens` (1024), `chunk_overlap` (0): chunk size and overlap, counted by `token_counter`
+      ("regex" default, or "hf:<tokenizer>").
+    - `protocol`: "atommem" (default) or "paper".
+    - `enabled_ops`: subset of create/read/update/delete/scratchpad/query (default all); a disabled
+      op in an action is an error message. `use_scratchpad=False` and `use_vector_store=False`
+      remove the scratchpad and the four memory ops.
+    - `top_k` (6), `max_reads_per_chunk` (2), `max_answer_steps` (4).
+    - `max_entries` (None), `max_entry_chars` (2000), `max_scratchpad_chars` (4000), `max_action_chars` (100000).
+    - `embedder`: "minilm" (default, all-MiniLM-L6-v2), "hashing" (fast, model-free) or "st:<model>".
+    - `index_precision` ("fp32" exact or "fp16"), `device` ("cpu", or "cuda[:N]" with faiss-gpu).
+    - `invalid_op_penalty` (0.0), `render_mode` (None or "ansi").
+
+    ## Information
+    Every step: `task_id`, `chunk_index`, `num_chunks`, `memory_size`, `invalid_ops` (this step),
+    `total_invalid_ops`, `op_counts` (dict: create/read/update/delete/scratchpad/query/answer,
+    valid ops so far), `tokens_shown` (chunk, question, scratchpad and retrieved tokens shown so
+    far). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `answers`
+    and `gold_answers`.
+
+    ## Example
+        >>> import gymnasium as gym, atommem_env
+        >>> env = gym.make("AtomMem/Synthetic-v0", embedder="hashing")
+        >>> obs, info = env.reset(seed=0)
+        >>> obs, reward, terminated, truncated, info = env.step("<create>a note</create>")
+        >>> info["memory_size"]
+        1
+
+    ## Version History
+    - v0: initial release.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        dataset: str | TaskSource = "synthetic",
+        data_path: str | None = None,
+        split: str = "all",
+        context_tokens: int | None = None,
+        num_documents: int | None = None,
+        multi_query: bool = False,
+        synthetic: dict | None = None,
+        max_tasks: int | None = None,
+        skip_malformed: bool = False,
+        chunk_tokens: int = 1024,
+        chunk_overlap: int = 0,
+        token_counter: Any = "regex",
+        protocol: str = "atommem",
+        enabled_ops: tuple[str, ...] | None = None,
+        use_scratchpad: bool = True,
+        use_vector_store: bool = True,
+        top_k: int = 6,
+        max_reads_per_chunk: int = 2,
+        max_answer_steps: int = 4,
+        max_entries: int | None = None,
+        max_entry_chars: int | None = 2000,
+        max_scratchpad_chars: int | None = 4000,
+        max_action_chars: int = 100_000,
+        embedder: str = "minilm",
+        index_precision: str = "fp32",
+        device: str = "cpu",
+        invalid_op_penalty: float = 0.0,
+        render_mode: str | None = None,
+    ):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        for name, value in [("chunk_tokens", chunk_tokens), ("top_k", top_k), ("max_answer_steps", max_answer_steps),
+                            ("max_action_chars", max_action_chars)]:
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(max_reads_per_chunk, (int, np.integer)) or max_reads_per_chunk < 0:
+            raise ValueError(f"max_reads_per_chunk must be an integer >= 0, got {max_reads_per_chunk!r}")
+        if invalid_op_penalty < 0:
+            raise ValueError(f"invalid_op_penalty must be >= 0, got {invalid_op_penalty}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        ops = set(ALL_OPS if enabled_ops is None else enabled_ops)
+        unknown = ops - set(ALL_OPS)
+        if unknown:
+            raise ValueError(f"unknown ops {sorted(unknown)} in enabled_ops; choose from {ALL_OPS}")
+        if not use_scratchpad:
+            ops.discard("scratchpad")
+        if not use_vector_store:
+            ops -= set(MEMORY_OPS) | {"query"}
+        self.enabled_ops = frozenset(ops)
+
+        from .data import make_task_source  # the data package imports the task record from here
+
+        self.task_source = dataset if not isinstance(dataset, str) else make_task_source(
+            dataset, data_path=data_path, split=split, context_tokens=context_tokens, num_documents=num_documents,
+            multi_query=multi_query, synthetic=synthetic, max_tasks=max_tasks, skip_malformed=skip_malformed)
+        self.chunk_tokens = int(chunk_tokens)
+        self.chunk_overlap = int(chunk_overlap)
+        self.token_counter = make_token_counter(token_counter)
+        self.protocol = protocol
+        self.use_scratchpad = use_scratchpad
+        self.top_k = int(top_k)
+        self.max_reads_per_chunk = int(max_reads_per_chunk)
+        self.max_answer_steps = int(max_answer_steps)
+        self.max_action_chars = int(max_action_chars)
+        self.invalid_op_penalty = float(invalid_op_penalty)
+        self.render_mode = render_mode
+        self.memory = VectorMemory(get_embedder(embedder), max_entries=max_entries, max_entry_chars=max_entry_chars,
+                                   precision=index_precision, device=device)
+        self.scratchpad = Scratchpad(max_scratchpad_chars)
+        self._count_cache: dict[str, int] = {}
+
+        self.action_space = UnicodeText(self.max_action_chars)
+        self.observation_space = spaces.Dict({
+            "question": UnicodeText(_TEXT_LIMIT),
+            "chunk": UnicodeText(_TEXT_LIMIT),
+            "scratchpad": UnicodeText(_TEXT_LIMIT),
+            "retrieved": UnicodeText(_TEXT_LIMIT),
+            "feedback": UnicodeText(_TEXT_LIMIT),
+            "chunk_index": _COUNTER,
+            "num_chunks": _COUNTER,
+            "memory_size": _COUNTER,
+            "reads_left": _COUNTER,
+        })
+        self.task: Task | None = None
+        self._obs: dict | None = None
+
+    # ------------------------------------------------------------------ episode
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        if "task" in options:
+            if not isinstance(options["task"], Task):
+                raise ValueError("options['task'] must be an atommem_env.tasks.Task")
+            self.task = options["task"]
+        elif "task_index" in options:
+            self.task = self.task_source.get(int(options["task_index"]))
+        else:
+            self.task = self.task_source.sample(self.np_random)
+        self.chunker = Chunker(self.task.paragraphs, self.token_counter, self.chunk_tokens, self.chunk_overlap,
+                               count_cache=self._count_cache)
+        self.memory.clear()
+        self.scratchpad.clear()
+        self.chunk_index = 0
+        self.steps_on_chunk = 0
+        self.answer_steps = 0
+        self.answers: dict[int, str] = {}
+        self.query = ""  # paper protocol's persistent query
+        self.shown_ids: list[int] = []  # paper protocol: entry ids behind "Memory i" in the last observation
+        self.op_counts = Counter({name: 0 for name in ALL_OPS + ("answer",)})
+        self.total_invalid_ops = 0
+        self.tokens_shown = 0
+        self.done = False
+        question_text = self._question_text()
+        self._question_tokens = self.token_counter.count(question_text)
+        self._obs = self._observation(retrieved="", feedback="")
+        return self._obs, self._info(invalid=0)
+
+    def step(self, action):
+        if self.task is None or self.done:
+            raise RuntimeError("call reset() before step(): the episode has not started or has ended")
+        messages: list[str] = []  # feedback in the order things happened; errors start with "error: "
+        invalid = 0
+
+        def error(text: str) -> None:
+            nonlocal invalid
+            messages.append(f"error: {text}")
+            invalid += 1
+        if isinstance(action, bytes):
+            action = action.decode("utf-8", errors="replace")
+        if not isinstance(action, str):
+            error(f"the action must be a string, got {type(action).__name__}; nothing was done")
+            action = ""
+        if len(action) > self.max_action_chars:
+            error(f"the action has {len(action)} characters; only the first {self.max_action_chars} were read")
+            action = action[:self.max_action_chars]
+
+        parsed = parse_action(action, self.protocol)
+        for problem in parsed.errors:
+            error(problem)
+        answering = self.chunk_index >= len(self.chunker)
+        self._prefetch_embeddings(parsed.ops)
+
+        # Paper protocol: in the answer phase a query update takes the step; its answer waits.
+        query_step = self.protocol == "paper" and answering and any(isinstance(op, SetQuery) for op in parsed.ops)
+        reads: list[str] = []
+        changed_memory = False  # paper protocol: the chunk advances on an add or modify
+        for op in parsed.ops:
+            name = OP_NAMES[type(op)]
+            if name != "answer" and name not in self.enabled_ops:
+                error(f"'{name}' is disabled in this environment")
+                continue
+            try:
+                if isinstance(op, Create):
+                    entry_id = self.memory.create(op.text)
+                    messages.append(f"created entry {entry_id}")
+                    changed_memory = True
+                elif isinstance(op, Read):
+                    reads.append(op.query)
+                elif isinstance(op, Update):
+                    entry_id = self._resolve(op.entry_id, op.rank)
+                    self.memory.update(entry_id, op.text)
+                    messages.append(f"updated entry {entry_id}")
+                    changed_memory = True
+                elif isinstance(op, Delete):
+                    entry_id = self._resolve(op.entry_id, op.rank)
+                    self.memory.delete(entry_id)
+                    messages.append(f"deleted entry {entry_id}")
+                elif isinstance(op, SetScratchpad):
+                    self.scratchpad.set(op.text)
+                elif isinstance(op, SetQuery):
+                    self.query = op.query
+                elif isinstance(op, Answer):
+                    if query_step:
+                        raise MemoryOpError("a query update takes this step; answer in the next one")
+                    self._record_answer(op, answering)
+            except MemoryOpError as err:
+                error(f"{name}: {err}")
+                continue
+            self.op_counts[name] += 1
+
+        retrieved = self._retrieve(reads)
+        terminated = truncated = False
+        if answering:
+            self.answer_steps += 1
+            if len(self.answers) == len(self.task.questions):
+                terminated = True
+            elif self.answer_steps >= self.max_answer_steps:
+                truncated = True
+                messages.append(f"error: no answer for every question after {self.max_answer_steps} answer-phase steps")
+        else:
+            stay = bool(reads) if self.protocol == "atommem" else not changed_memory
+            if stay and self.steps_on_chunk < self.max_reads_per_chunk:
+                self.steps_on_chunk += 1
+            else:
+                self.chunk_index += 1
+                self.steps_on_chunk = 0
+                if self.chunk_index == len(self.chunker):
+                    messages.append("that was the last chunk: answer now")
+
+        self.total_invalid_ops += invalid
+        self.done = terminated or truncated
+        self._obs = self._observation(retrieved=retrieved, feedback=self._feedback(messages))
+        info = self._info(invalid)
+        reward = -self.invalid_op_penalty * invalid
+        if self.done:
+            em, f1 = self._score()
+            reward += em
+            info.update(em=em, f1=f1, answers=tuple(self.answers.get(i, "") for i in range(len(self.task.questions))),
+                        gold_answers=tuple(q.answers for q in self.task.questions))
+        return self._obs, float(reward), terminated, truncated, info
+
+    # ------------------------------------------------------------------ helpers
+    def _prefetch_embeddings(self, ops) -> None:
+        """One batched embedding call per step; the ops below then hit the embedder's cache."""
+        if "create" not in self.enabled_ops and "read" not in self.enabled_ops:
+            return
+        texts = [op.text for op in ops if isinstance(op, (Create, Update))]
+        texts += [op.query for op in ops if isinstance(op, (Read, SetQuery))]
+        if texts:
+            self.memory.embedder.embed(texts)
+
+    def _resolve(self, entry_id: int | None, rank: int | None) -> int:
+        if entry_id is not None:
+            return entry_id
+        if not 1 <= rank <= len(self.shown_ids):
+            raise MemoryOpError(f"Memory {rank} is not among the {len(self.shown_ids)} entries shown at this step")
+        return self.shown_ids[rank - 1]
+
+    def _record_answer(self, op: Answer, answering: bool) -> None:
+        if not answering:
+            raise MemoryOpError(f"answers are accepted after the last chunk (this is chunk {self.chunk_index + 1}"
+                                f" of {len(self.chunker)})")
+        n = len(self.task.questions)
+        if op.question is None:
+            unanswered = [i for i in range(n) if i not in self.answers]
+            if not unanswered:
+                raise MemoryOpError("every question is answered already")
+            index = unanswered[0]
+        elif op.question > n:
+            raise MemoryOpError(f"there is no question {op.question}; this task has {n}")
+        else:
+            index = op.question - 1
+        self.answers[index] = op.text
+
+    def _retrieve(self, reads: list[str]) -> str:
+        if self.protocol == "paper":
+            if not self.query:
+                self.shown_ids = []
+                return ""
+            found = self.memory.read(self.query, self.top_k) if len(self.memory) else []
+            self.shown_ids = [e.id for e in found]
+            return "\n".join(f"Memory {rank}: {e.text}" for rank, e in enumerate(found, start=1))
+        if not reads:
+            return ""
+        lines, seen = [], set()
+        for query, found in zip(reads, self.memory.read_many(reads, self.top_k)):
+            if not found:
+                lines.append(f"(no entries for: {query})")
+            for entry in found:
+                if entry.id not in seen:
+                    seen.add(entry.id)
+                    lines.append(f"[id {entry.id}] {entry.text}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _feedback(lines: list[str]) -> str:
+        text = ""
+        for i, line in enumerate(lines):
+            if len(text) + len(line) + 1 > _FEEDBACK_CHARS:
+                return text + f"\n(... {len(lines) - i} more messages)"
+            text = f"{text}\n{line}" if text else line
+        return text
+
+    def _question_text(self) -> str:
+        questions = self.task.questions
+        if len(questions) == 1:
+            return questions[0].question
+        return "\n".join(f"Q{i}: {q.question}" for i, q in enumerate(questions, start=1))
+
+    def _observation(self, retrieved: str, feedback: str) -> dict:
+        answering = self.chunk_index >= len(self.chunker)
+        chunk = "" if answering else self.chunker.chunk(self.chunk_index)
+        scratchpad = self.scratchpad.text if self.use_scratchpad else ""
+        if answering:
+            left = self.max_answer_steps - self.answer_steps
+        else:
+            left = self.max_reads_per_chunk - self.steps_on_chunk
+        self.tokens_shown += (self._question_tokens + (0 if answering else self.chunker.chunk_token_count(self.chunk_index))
+                              + self.token_counter.count(scratchpad) + self.token_counter.count(retrieved))
+        return {
+            "question": self._question_text(),
+            "chunk": chunk,
+            "scratchpad": scratchpad,
+            "retrieved": retrieved,
+            "feedback": feedback,
+            "chunk_index": np.array(self.chunk_index, dtype=np.int64),
+            "num_chunks": np.array(len(self.chunker), dtype=np.int64),
+            "memory_size": np.array(len(self.memory), dtype=np.int64),
+            "reads_left": np.array(left, dtype=np.int64),
+        }
+
+    def _info(self, invalid: int) -> dict:
+        return {
+            "task_id": self.task.task_id,
+            "chunk_index": self.chunk_index,
+            "num_chunks": len(self.chunker),
+            "memory_size": len(self.memory),
+            "invalid_ops": invalid,
+            "total_invalid_ops": self.total_invalid_ops,
+            "op_counts": dict(self.op_counts),
+            "tokens_shown": self.tokens_shown,
+        }
+
+    def _score(self) -> tuple[float, float]:
+        ems, f1s = [], []
+        for i, question in enumerate(self.task.questions):
+            answer = self.answers.get(i)
+            if answer is None:
+                ems.append(0.0)
+                f1s.append(0.0)
+            elif self.protocol == "paper":
+                ems.append(boxed_match(answer, question.answers))
+                f1s.append(f1_score(last_boxed(answer) or "", question.answers))
+            else:
+                ems.append(exact_match(answer, question.answers))
+                f1s.append(f1_score(answer, question.answers))
+        return float(np.mean(ems)), float(np.mean(f1s))
+
+    def render(self):
+        if self.render_mode != "ansi" or self._obs is None:
+            return None
+        o = self._obs
+        phase = "answer phase" if int(o["chunk_index"]) >= int(o["num_chunks"]) else \
+            f"chunk {int(o['chunk_index']) + 1}/{int(o['num_chunks'])}"
+        parts = [f"== {self.task.task_id} | {phase} | memory {int(o['memory_size'])} entries ==",
+                 f"question: {o['question']}"]
+        for key in ("scratchpad", "retrieved", "feedback", "chunk"):
+            if o[key]:
+                parts.append(f"-- {key} --\n{o[key]}")
+        return "\n".join(parts) + "\n"
+

@@ -1,0 +1,215 @@
+"""Agent memory: a scratchpad and a FAISS vector store with stable integer ids.
+
+Usable on its own::
+
+    >>> from atommem_env.memory import VectorMemory
+    >>> from atommem_env.embedders import HashingEmbedder
+    >>> mem = VectorMemory(HashingEmbedder())
+    >>> i = mem.create("Scott Derrickson is American.")
+    >>> mem.read("Scott Derrickson nationality", k=1)[0].text
+    'Scott Derrickson is American.'
+
+The index is `IndexIDMap2` over an inner-product flat index on normalised embeddings (cosine
+similarity). `precision="fp32"` is exact; `precision="fp16"` stores the vectors as half floats
+(`IndexScalarQuantizer`), which halves the memory scanned per Read: on a 2-core machine a Read
+over 100k entries takes ~12 ms in fp32 and ~5 ms in fp16, at a recall@6 of ~0.998. With
+faiss-gpu installed, `device="cuda"` (or "cuda:N") puts the index on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from .embedders import Embedder, get_embedder
+
+# Batched searches (a vector env's Reads) use BLAS from 20 queries on, not the default 20.
+faiss.cvar.distance_compute_blas_threshold = 20
+
+
+class MemoryOpError(Exception):
+    """A memory operation that cannot be carried out (unknown id, full store, empty text).
+
+    The environment turns it into an error message in the next observation.
+    """
+
+
+@dataclass(frozen=True)
+class MemoryEntry:
+    id: int
+    text: str
+    score: float = 0.0
+
+
+class VectorMemory:
+    """Create / read(query, k) / update(id, text) / delete(id) over FAISS, ids stable for an entry's life."""
+
+    def __init__(
+        self,
+        embedder: Embedder | str = "hashing",
+        max_entries: int | None = None,
+        max_entry_chars: int | None = None,
+        precision: str = "fp32",
+        device: str = "cpu",
+    ):
+        self.embedder = get_embedder(embedder)
+        if max_entries is not None and max_entries <= 0:
+            raise ValueError(f"max_entries must be positive or None, got {max_entries}")
+        if max_entry_chars is not None and max_entry_chars <= 0:
+            raise ValueError(f"max_entry_chars must be positive or None, got {max_entry_chars}")
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        self.max_entries = max_entries
+        self.max_entry_chars = max_entry_chars
+        self.precision = precision
+        self.device = device
+        self.index = self._new_index()
+        self._texts: dict[int, str] = {}
+        self._next_id = 1
+
+    def _new_index(self):
+        dim = self.embedder.dim
+        if self.precision == "fp16":
+            inner = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        else:
+            inner = faiss.IndexFlatIP(dim)
+        if self.device != "cpu":
+            inner = _to_gpu(inner, self.device)
+        return faiss.IndexIDMap2(inner)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def __contains__(self, entry_id: int) -> bool:
+        return entry_id in self._texts
+
+    def get(self, entry_id: int) -> str:
+        if entry_id not in self._texts:
+            raise MemoryOpError(f"no memory entry with id {entry_id}")
+        return self._texts[entry_id]
+
+    def entries(self) -> list[MemoryEntry]:
+        return [MemoryEntry(i, t) for i, t in sorted(self._texts.items())]
+
+    def _check_text(self, text: str) -> str:
+        text = text.strip()
+        if not text:
+            raise MemoryOpError("memory text is empty")
+        if self.max_entry_chars is not None and len(text) > self.max_entry_chars:
+            raise MemoryOpError(f"memory text has {len(text)} characters, the limit is {self.max_entry_chars}")
+        return text
+
+    def create(self, text: str) -> int:
+        return self.create_many([text])[0]
+
+    def create_many(self, texts: Sequence[str]) -> list[int]:
+        texts = [self._check_text(t) for t in texts]
+        if self.max_entries is not None and len(self) + len(texts) > self.max_entries:
+            raise MemoryOpError(f"memory is full ({len(self)} of {self.max_entries} entries): update or delete first")
+        ids = list(range(self._next_id, self._next_id + len(texts)))
+        self.index.add_with_ids(self.embedder.embed(texts), np.asarray(ids, dtype=np.int64))
+        self._next_id += len(texts)
+        self._texts.update(zip(ids, texts))
+        return ids
+
+    def read(self, query: str, k: int) -> list[MemoryEntry]:
+        return self.read_many([query], k)[0]
+
+    def read_many(self, queries: Sequence[str], k: int) -> list[list[MemoryEntry]]:
+        """Top-k entries per query, best first; fewer when the memory holds fewer than k."""
+        if k <= 0:
+            raise MemoryOpError(f"k must be positive, got {k}")
+        if not queries or not self._texts:
+            return [[] for _ in queries]
+        scores, ids = self.index.search(self.embedder.embed(list(queries)), min(k, len(self)))
+        return [
+            [MemoryEntry(int(i), self._texts[int(i)], float(s)) for s, i in zip(row_s, row_i) if i >= 0]
+            for row_s, row_i in zip(scores, ids)
+        ]
+
+    def update(self, entry_id: int, text: str) -> None:
+        text = self._check_text(text)
+        self.get(entry_id)
+        vec = self.embedder.embed([text])
+        self.index.remove_ids(np.asarray([entry_id], dtype=np.int64))
+        self.index.add_with_ids(vec, np.asarray([entry_id], dtype=np.int64))
+        self._texts[entry_id] = text
+
+    def delete(self, entry_id: int) -> None:
+        self.get(entry_id)
+        self.index.remove_ids(np.asarray([entry_id], dtype=np.int64))
+        del self._texts[entry_id]
+
+    def clear(self) -> None:
+        self.index.reset()
+        self._texts.clear()
+        self._next_id = 1
+
+    def __getstate__(self):
+        # FAISS indexes do not pickle: carry the entries and rebuild the index on arrival.
+        state = self.__dict__.copy()
+        del state["index"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.index = self._new_index()
+        if self._texts:
+            ids = np.fromiter(self._texts, dtype=np.int64, count=len(self._texts))
+            self.index.add_with_ids(self.embedder.embed(list(self._texts.values())), ids)
+
+    def save(self, path: str | Path) -> None:
+        """Writes a JSON file of the entries (text and ids); vectors are recomputed on load."""
+        payload = {"embedder": self.embedder.name, "next_id": self._next_id,
+                   "entries": [{"id": i, "text": t} for i, t in sorted(self._texts.items())]}
+        Path(path).write_text(json.dumps(payload, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path, embedder: Embedder | str | None = None, **kwargs) -> "VectorMemory":
+        path = Path(path)
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            entries = [(int(e["id"]), str(e["text"])) for e in payload["entries"]]
+            next_id = int(payload["next_id"])
+        except FileNotFoundError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a saved VectorMemory ({err})") from err
+        memory = cls(embedder or payload.get("embedder", "hashing"), **kwargs)
+        if entries:
+            ids = np.asarray([i for i, _ in entries], dtype=np.int64)
+            memory.index.add_with_ids(memory.embedder.embed([t for _, t in entries]), ids)
+            memory._texts = dict(entries)
+        memory._next_id = max([next_id] + [i + 1 for i, _ in entries])
+        return memory
+
+
+def _to_gpu(index, device: str):
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise ValueError(f"device={device!r} needs faiss-gpu (pip install 'atommem[gpu]'); this faiss is CPU-only")
+    gpu_id = int(device.split(":")[1]) if ":" in device else 0
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu_id, index)
+
+
+class Scratchpad:
+    """Free text shown to the agent at every step; replaced whole, optionally length-limited."""
+
+    def __init__(self, max_chars: int | None = None):
+        if max_chars is not None and max_chars < 0:
+            raise ValueError(f"max_scratchpad_chars must be >= 0 or None, got {max_chars}")
+        self.max_chars = max_chars
+        self.text = ""
+
+    def set(self, text: str) -> None:
+        text = text.strip()
+        if self.max_chars is not None and len(text) > self.max_chars:
+            raise MemoryOpError(f"scratchpad text has {len(text)} characters, the limit is {self.max_chars}")
+        self.text = text
+
+    def clear(self) -> None:
+        self.text = ""
