@@ -1,0 +1,53 @@
+"""Policies for the AtomMem environment, and the LLM backends they use."""
+
+from .backends import Generation, HFGenerator, OpenAIGenerator
+from .policies import (LLMPolicy, MemAgentPolicy, NoMemoryPolicy, NoOpPolicy, OraclePolicy, Policy, PolicyOutput,
+                       RAGPolicy, RandomPolicy, unbatch)
+from .prompt import build_messages
+
+__all__ = ["Policy", "PolicyOutput", "unbatch", "build_messages", "make_policy", "make_generator", "POLICIES",
+           "NoOpPolicy", "RandomPolicy", "OraclePolicy", "NoMemoryPolicy", "MemAgentPolicy", "RAGPolicy", "LLMPolicy",
+           "Generation", "HFGenerator", "OpenAIGenerator"]
+
+POLICIES = ("noop", "random", "oracle", "no-memory", "memagent", "rag", "write-only", "read-only", "llm")
+READER_POLICIES = ("no-memory", "memagent", "rag", "write-only", "read-only")
+
+
+def make_generator(model: str, *, endpoint: str | None = None, adapter: str | None = None, device: str = "auto",
+                   dtype: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
+                   max_prompt_tokens: int | None = None, timeout: float = 60.0):
+    """An HF model (id, path, 'tiny', 'smollm2'), or with `endpoint` an OpenAI-compatible server."""
+    if endpoint:
+        return OpenAIGenerator(endpoint, model, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout)
+    return HFGenerator.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
+                                       max_new_tokens=max_new_tokens, temperature=temperature,
+                                       max_prompt_tokens=max_prompt_tokens)
+
+
+def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: int = 0) -> Policy:
+    """A policy by name; reader workflows and `llm` take a generator (see make_generator)."""
+    if name == "noop":
+        return NoOpPolicy()
+    if name == "random":
+        return RandomPolicy(seed)
+    if name == "oracle":
+        if protocol != "atommem":
+            raise ValueError("the oracle writes the atommem protocol")
+        return OraclePolicy()
+    if name in READER_POLICIES and protocol != "atommem":
+        raise ValueError(f"the {name} workflow writes the atommem protocol")
+    if name == "no-memory":
+        return NoMemoryPolicy(generator)
+    if name == "memagent":
+        return MemAgentPolicy(generator)
+    if name == "rag":
+        return RAGPolicy(generator)
+    if name == "write-only":
+        return RAGPolicy(generator, read=False)
+    if name == "read-only":
+        return RAGPolicy(generator, write=False)
+    if name == "llm":
+        if generator is None:
+            raise ValueError("the llm policy needs a generator (a model)")
+        return LLMPolicy(generator, protocol)
+    raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")

@@ -1,0 +1,254 @@
+"""Policies: a batch of observations in, a batch of actions out.
+
+Every policy implements `act(observations, tasks=None, slots=None) -> list[PolicyOutput]`: one
+output per observation. `slots` names the env each observation comes from (default 0..n-1), so
+a caller may pass only the envs still running; stateful policies (the oracle) key their state by it. `PolicyOutput.text` is the action string; `error` is
+set when the policy could not produce an action (an LLM request failed: eval.py marks that
+episode failed); `generation` keeps the token ids and log-probs of an LLM policy for training.
+`tasks` (the env's current Task per observation) is used only by the oracle.
+
+Static workflows (the paper's baselines), written as policies over the same env:
+- `memagent`: overwrite the scratchpad after each chunk with what the reader keeps; answer from it.
+- `rag`: store every paragraph of every chunk as an entry; at the end Read with the question and
+  answer from the results. `write-only` stores but never reads; `read-only` reads but never stores.
+- `no-memory`: answer from the question alone.
+Each takes a reader (an LLM backend) for summarising and answering.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from atommem_env.protocols import Answer, Create, Read, SetScratchpad, Update, format_ops
+from atommem_env.tasks import Task
+
+from .backends import Generation
+from .prompt import build_messages, reader_messages
+
+
+@dataclass
+class PolicyOutput:
+    text: str
+    error: str | None = None
+    generation: Generation | None = None
+    messages: list[dict] | None = None
+    """The chat prompt an LLM policy saw (kept for SFT data)."""
+
+
+def unbatch(observations: dict, num_envs: int) -> list[dict]:
+    """A vector env's dict of batched fields -> one observation dict per env."""
+    return [{key: value[i] for key, value in observations.items()} for i in range(num_envs)]
+
+
+def answering(obs: dict) -> bool:
+    return int(obs["chunk_index"]) >= int(obs["num_chunks"])
+
+
+class Policy:
+    name = "policy"
+
+    def act(self, observations: list[dict], tasks: list[Task] | None = None,
+            slots: list[int] | None = None) -> list[PolicyOutput]:
+        raise NotImplementedError
+
+
+class NoOpPolicy(Policy):
+    """Does nothing, never answers: the floor."""
+
+    name = "noop"
+
+    def act(self, observations, tasks=None, slots=None):
+        return [PolicyOutput("") for _ in observations]
+
+
+class RandomPolicy(Policy):
+    """Random operations on random sentences of the chunk; answers with a random word. Seeded."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, observations, tasks=None, slots=None):
+        outputs = []
+        for obs in observations:
+            words = re.findall(r"\w+", obs["chunk"] or obs["question"]) or ["nothing"]
+            sentence = " ".join(self.rng.choice(words, size=min(8, len(words))).tolist())
+            kind = int(self.rng.integers(5))
+            entry = int(self.rng.integers(1, max(2, int(obs["memory_size"]) + 1)))
+            if answering(obs):
+                text = f"<answer>{self.rng.choice(words)}</answer>"
+            else:
+                text = [f"<create>{sentence}</create>", f"<read>{sentence}</read>", f'<update id="{entry}">{sentence}</update>',
+                        f'<delete id="{entry}"/>', f"<scratchpad>{sentence}</scratchpad>"][kind]
+            outputs.append(PolicyOutput(text))
+        return outputs
+
+
+class OraclePolicy(Policy):
+    """Uses the task's supporting facts: the upper bound, and the teacher for SFT.
+
+    While reading, it creates an entry for every supporting sentence in the chunk, and when a
+    sentence supersedes an earlier one (same `key`) it Updates that entry instead. In the answer
+    phase it Reads with the question once, then answers the gold answer. AtomMem protocol only.
+    Its state is kept per slot (env index), so episodes of the same task in two envs do not mix.
+    """
+
+    name = "oracle"
+
+    def __init__(self):
+        self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
+        self.pending: dict[int, list[str]] = {}  # slot -> keys of the Creates sent last step, in order
+
+    def act(self, observations, tasks=None, slots=None):
+        if tasks is None or len(tasks) != len(observations):
+            raise ValueError("the oracle needs the env's current task for every observation (tasks=...)")
+        slots = range(len(observations)) if slots is None else slots
+        return [PolicyOutput(self._act_one(slot, obs, task)) for slot, obs, task in zip(slots, observations, tasks)]
+
+    def _act_one(self, slot: int, obs: dict, task: Task) -> str:
+        fresh = int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
+        ids = self.entry_ids[slot] = {} if fresh else self.entry_ids.get(slot, {})
+        created = [int(n) for n in re.findall(r"^created entry (\d+)$", obs["feedback"], re.MULTILINE)]
+        ids.update(zip(self.pending.pop(slot, []) if not fresh else [], created))
+        if answering(obs):
+            if not obs["retrieved"] and int(obs["memory_size"]):
+                return format_ops([Read(task.questions[0].question)])
+            multi = len(task.questions) > 1
+            return format_ops([Answer(q.answers[0], question=i + 1 if multi else None)
+                               for i, q in enumerate(task.questions)])
+        ops, keys = [], []
+        for question in task.questions:
+            for fact in question.supporting_facts:
+                key = fact.key or fact.text
+                if not fact.text or fact.text not in obs["chunk"] or key in keys:
+                    continue
+                if fact.key and key in ids:
+                    ops.append(Update(fact.text, entry_id=ids[key]))
+                else:
+                    ops.append(Create(fact.text))
+                    keys.append(key)
+        self.pending[slot] = keys
+        return format_ops(ops)
+
+
+class ReaderWorkflow(Policy):
+    """Shared machinery of the static workflows: batched calls to a reader backend."""
+
+    answer_instruction = ("Answer the question using the context. Reply with the answer only: a few words, "
+                          "a name, a number, or yes/no.")
+
+    def __init__(self, reader):
+        if reader is None:
+            raise ValueError(f"the {self.name} workflow needs a reader model (an LLM backend)")
+        self.reader = reader
+
+    def _ask(self, requests: list[tuple[int, list[dict]]], outputs: list[PolicyOutput], wrap) -> None:
+        """Runs the reader on (row, messages) pairs and writes wrap(text) into outputs[row]."""
+        if not requests:
+            return
+        for (row, _), generation in zip(requests, self.reader.generate([m for _, m in requests])):
+            if generation.error:
+                outputs[row] = PolicyOutput("", error=generation.error)
+            else:
+                outputs[row] = PolicyOutput(wrap(_first_line(generation.text)))
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+class NoMemoryPolicy(ReaderWorkflow):
+    name = "no-memory"
+
+    def act(self, observations, tasks=None, slots=None):
+        outputs = [PolicyOutput("") for _ in observations]
+        requests = [(i, reader_messages(self.answer_instruction, o["question"], "")) for i, o in enumerate(observations)
+                    if answering(o)]
+        self._ask(requests, outputs, lambda t: format_ops([Answer(t or "unknown")]))
+        return outputs
+
+
+class MemAgentPolicy(ReaderWorkflow):
+    """Rewrites the scratchpad after each chunk (MemAgent's overwrite memory), answers from it."""
+
+    name = "memagent"
+    update_instruction = ("You keep notes for answering the question. Given your previous notes and a new chunk "
+                          "of the document, write the updated notes: every fact that may help answer the question, "
+                          "in a few short sentences. Reply with the notes only.")
+
+    def act(self, observations, tasks=None, slots=None):
+        outputs = [PolicyOutput("") for _ in observations]
+        reading = [(i, reader_messages(self.update_instruction, o["question"],
+                                       f"Previous notes: {o['scratchpad'] or '(none)'}\n\nNew chunk:\n{o['chunk']}"))
+                   for i, o in enumerate(observations) if not answering(o)]
+        final = [(i, reader_messages(self.answer_instruction, o["question"], o["scratchpad"]))
+                 for i, o in enumerate(observations) if answering(o)]
+        self._ask_multiline(reading, outputs)
+        self._ask(final, outputs, lambda t: format_ops([Answer(t or "unknown")]))
+        return outputs
+
+    def _ask_multiline(self, requests, outputs):
+        if not requests:
+            return
+        for (row, _), generation in zip(requests, self.reader.generate([m for _, m in requests])):
+            notes = re.sub(r"</?scratchpad>", "", generation.text).strip()
+            outputs[row] = PolicyOutput(format_ops([SetScratchpad(notes)]), error=generation.error)
+
+
+class RAGPolicy(ReaderWorkflow):
+    """Stores every paragraph (RAG's index), reads with the question at the end, answers from the hits."""
+
+    name = "rag"
+
+    def __init__(self, reader, write: bool = True, read: bool = True, max_entry_chars: int = 1500):
+        super().__init__(reader)
+        self.write, self.read, self.max_entry_chars = write, read, max_entry_chars
+        self.name = {(True, True): "rag", (True, False): "write-only", (False, True): "read-only"}[(write, read)]
+        if not (write or read):
+            raise ValueError("a RAG workflow that neither writes nor reads is the no-memory baseline")
+
+    def _passages(self, chunk: str) -> list[str]:
+        passages = []
+        for block in re.split(r"\n\s*\n", chunk):
+            block = block.strip().replace("</create>", "")
+            while len(block) > self.max_entry_chars:
+                cut = block.rfind(". ", 0, self.max_entry_chars) + 1 or self.max_entry_chars
+                passages.append(block[:cut].strip())
+                block = block[cut:].strip()
+            if block:
+                passages.append(block)
+        return passages
+
+    def act(self, observations, tasks=None, slots=None):
+        outputs = [PolicyOutput("") for _ in observations]
+        final = []
+        for i, obs in enumerate(observations):
+            if not answering(obs):
+                if self.write:
+                    outputs[i] = PolicyOutput(format_ops([Create(p) for p in self._passages(obs["chunk"])]))
+            elif self.read and not obs["retrieved"]:  # after a Read, retrieved always holds hits or "(no entries"
+                outputs[i] = PolicyOutput(format_ops([Read(obs["question"])]))
+            else:
+                final.append((i, reader_messages(self.answer_instruction, obs["question"], obs["retrieved"])))
+        self._ask(final, outputs, lambda t: format_ops([Answer(t or "unknown")]))
+        return outputs
+
+
+class LLMPolicy(Policy):
+    """An LLM that writes the CRUD operations itself (the AtomMem policy), prompted by `build_messages`."""
+
+    name = "llm"
+
+    def __init__(self, generator, protocol: str = "atommem"):
+        self.generator = generator
+        self.protocol = protocol
+
+    def act(self, observations, tasks=None, slots=None):
+        conversations = [build_messages(o, self.protocol) for o in observations]
+        return [PolicyOutput(g.text, error=g.error, generation=g, messages=m)
+                for g, m in zip(self.generator.generate(conversations), conversations)]

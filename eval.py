@@ -1,0 +1,244 @@
+# Benchmark policies on AtomMem envs: docs/eval.md
+"""Evaluate one or more policies at one or more context lengths; writes JSON, Markdown and a PNG plot.
+
+    python eval.py                                   # embedded defaults: synthetic tasks, no model needed
+    python eval.py --policies rag memagent --model smollm2 --context-tokens 2000 8000
+    python eval.py --policies llm --model runs/<run>/checkpoint --env-id AtomMem/HotpotQA-v0 \\
+        --data-path ../shared/data/hotpotqa_dev_distractor_100.json --context-tokens 8000 32000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import tyro
+from tqdm import tqdm
+
+import atommem_env
+from agents import POLICIES, READER_POLICIES, make_generator, make_policy, unbatch
+from atommem_env.wrappers import TaskSchedule
+
+OP_KEYS = ("create", "read", "update", "delete", "scratchpad", "query")
+
+
+@dataclass
+class Args:
+    policies: tuple[str, ...] = ("oracle", "rag", "no-memory", "random")
+    """policies to evaluate: noop, random, oracle, no-memory, memagent, rag, write-only, read-only, llm"""
+    env_id: str = "AtomMem/Synthetic-v0"
+    """a registered AtomMem env id"""
+    data_path: str | None = None
+    """the dataset file, for the HotpotQA / 2Wiki / MuSiQue ids"""
+    split: str = "eval"
+    """task split: all, train or eval (synthetic: odd seeds for eval)"""
+    context_tokens: tuple[int, ...] = (2000, 8000)
+    """document lengths to evaluate at (tokens, regex count)"""
+    num_episodes: int = 16
+    """episodes per (policy, context length): tasks 0..N-1 of the split, the same for every policy"""
+    num_envs: int = 4
+    """vector envs run side by side"""
+    seed: int = 0
+    """seed for envs and random policies"""
+    chunk_tokens: int | None = None
+    """chunk size (default: the env id's)"""
+    top_k: int = 6
+    """entries per Read"""
+    no_update: bool = False
+    """ablation: disable Update"""
+    no_delete: bool = False
+    """ablation: disable Delete"""
+    no_scratchpad: bool = False
+    """ablation: disable the scratchpad"""
+    no_vector_store: bool = False
+    """ablation: disable the vector store (Create/Read/Update/Delete)"""
+    embedder: str = "minilm"
+    """memory embedder: minilm, hashing, or st:<sentence-transformers model>"""
+    model: str = "smollm2"
+    """LLM for the llm policy and the workflows' reader: a HF id or path, 'smollm2' or 'tiny'"""
+    adapter: str | None = None
+    """LoRA adapter directory to load on top of --model"""
+    endpoint: str | None = None
+    """OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1): use it instead of a local model"""
+    request_timeout: float = 60.0
+    """seconds before an endpoint request counts as failed"""
+    max_new_tokens: int = 96
+    """generation budget per step"""
+    max_prompt_tokens: int | None = 3072
+    """longer prompts keep their head and tail"""
+    device: str = "auto"
+    """torch device for the local model"""
+    dtype: str = "auto"
+    """model dtype: auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16"""
+    output_dir: str = "reports"
+    """where report.json, report.md and em_vs_context.png go"""
+    exp_name: str = "eval"
+    """name of this evaluation (the report file prefix)"""
+    env_kwargs: dict = field(default_factory=dict)
+    """extra keyword arguments for gym.make (JSON on the command line)"""
+
+
+def env_kwargs(args: Args, context_tokens: int) -> dict:
+    kwargs = dict(split=args.split, context_tokens=context_tokens, top_k=args.top_k, embedder=args.embedder)
+    if args.data_path:
+        kwargs["data_path"] = args.data_path
+    if args.chunk_tokens:
+        kwargs["chunk_tokens"] = args.chunk_tokens
+    disabled = {op for op, off in (("update", args.no_update), ("delete", args.no_delete)) if off}
+    if disabled:
+        kwargs["enabled_ops"] = tuple(op for op in atommem_env.env.ALL_OPS if op not in disabled)
+    if args.no_scratchpad:
+        kwargs["use_scratchpad"] = False
+    if args.no_vector_store:
+        kwargs["use_vector_store"] = False
+    kwargs.update(args.env_kwargs)
+    return kwargs
+
+
+def make_envs(args: Args, context_tokens: int, schedules: list[list[int]]) -> gym.vector.SyncVectorEnv:
+    kwargs = env_kwargs(args, context_tokens)
+    fns = [lambda s=s: TaskSchedule(gym.make(args.env_id, **kwargs), s) for s in schedules]
+    return gym.vector.SyncVectorEnv(fns)
+
+
+def evaluate(policy, args: Args, context_tokens: int, progress: tqdm) -> dict:
+    """Runs tasks 0..num_episodes-1 (env i takes tasks i, i+n, ...) and returns per-episode records."""
+    n = min(args.num_envs, args.num_episodes)
+    schedules = [list(range(i, args.num_episodes, n)) for i in range(n)]
+    envs = make_envs(args, context_tokens, schedules)
+    obs, _ = envs.reset(seed=args.seed)
+    remaining = [len(s) for s in schedules]
+    failed: list[str | None] = [None] * n
+    started = [time.perf_counter()] * n
+    episodes = []
+    just_reset = np.zeros(n, dtype=bool)
+    while any(remaining):
+        observations = unbatch(obs, n)
+        tasks = envs.get_attr("task")
+        active = [i for i in range(n) if remaining[i] and not failed[i] and not just_reset[i]]
+        actions = [""] * n
+        if active:
+            outputs = policy.act([observations[i] for i in active], [tasks[i] for i in active], slots=active)
+            for i, out in zip(active, outputs):
+                actions[i] = out.text
+                if out.error:
+                    failed[i] = out.error  # the episode is lost; empty actions run it to its end
+        obs, _, terminated, truncated, info = envs.step(actions)
+        just_reset[:] = False
+        for i in np.flatnonzero(terminated | truncated):
+            just_reset[i] = True  # next step is the vector env's autoreset: its action is ignored
+            if not remaining[i]:
+                continue
+            remaining[i] -= 1
+            episodes.append({
+                "task_id": info["task_id"][i], "em": 0.0 if failed[i] else float(info["em"][i]),
+                "f1": 0.0 if failed[i] else float(info["f1"][i]), "failed": failed[i],
+                "answer": info["answers"][i], "gold": info["gold_answers"][i],
+                "ops": {k: int(info["op_counts"][k][i]) for k in OP_KEYS},
+                "invalid_ops": int(info["total_invalid_ops"][i]), "tokens_shown": int(info["tokens_shown"][i]),
+                "num_chunks": int(info["num_chunks"][i]), "seconds": time.perf_counter() - started[i],
+            })
+            failed[i] = None
+            started[i] = time.perf_counter()
+            progress.update(1)
+    envs.close()
+    return summarize(episodes)
+
+
+def summarize(episodes: list[dict]) -> dict:
+    mean = lambda key: float(np.mean([e[key] for e in episodes]))  # noqa: E731
+    return {
+        "episodes": len(episodes),
+        "em": mean("em"), "em_stderr": float(np.std([e["em"] for e in episodes]) / np.sqrt(len(episodes))),
+        "f1": mean("f1"),
+        "ops_per_episode": {k: float(np.mean([e["ops"][k] for e in episodes])) for k in OP_KEYS},
+        "invalid_ops_per_episode": mean("invalid_ops"),
+        "tokens_shown_per_episode": mean("tokens_shown"),
+        "seconds_per_episode": mean("seconds"),
+        "failed_episodes": sum(e["failed"] is not None for e in episodes),
+        "failures": sorted({e["failed"] for e in episodes if e["failed"]}),
+        "records": episodes,
+    }
+
+
+def markdown(results: dict, args: Args) -> str:
+    lines = [f"# {args.exp_name}: {args.env_id}, split {args.split}, {args.num_episodes} episodes per cell", "",
+             "| policy | context tokens | EM | F1 | C/R/U/D/S per episode | invalid ops | tokens read | s per episode | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for policy, by_length in results.items():
+        for length, r in by_length.items():
+            ops = "/".join(f"{r['ops_per_episode'][k]:.1f}" for k in ("create", "read", "update", "delete", "scratchpad"))
+            lines.append(f"| {policy} | {length} | {r['em']:.3f} ± {r['em_stderr']:.3f} | {r['f1']:.3f} | {ops} | "
+                         f"{r['invalid_ops_per_episode']:.1f} | {r['tokens_shown_per_episode']:.0f} | "
+                         f"{r['seconds_per_episode']:.2f} | {r['failed_episodes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, by_length in results.items():
+        lengths = sorted(by_length, key=int)
+        ax.errorbar([int(x) for x in lengths], [by_length[x]["em"] for x in lengths],
+                    yerr=[by_length[x]["em_stderr"] for x in lengths], marker="o", capsize=3, label=policy)
+    ax.set_xscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("exact match")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    unknown = [p for p in args.policies if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"error: unknown policies {unknown}; choose from {list(POLICIES)}")
+    if args.env_id not in atommem_env.ENV_IDS:
+        raise SystemExit(f"error: unknown env id {args.env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
+    if args.env_id in atommem_env.DATA_ENV_IDS and not args.data_path:
+        raise SystemExit(f"error: {args.env_id} needs --data-path (your copy of the dataset file)")
+    if args.data_path and not os.path.isfile(args.data_path):
+        raise SystemExit(f"error: --data-path {args.data_path} does not exist")
+    if args.num_episodes <= 0 or args.num_envs <= 0 or any(c <= 0 for c in args.context_tokens):
+        raise SystemExit("error: --num-episodes, --num-envs and --context-tokens must be positive")
+    try:  # fail before any model loads if the env arguments are wrong
+        gym.make(args.env_id, **env_kwargs(args, args.context_tokens[0])).close()
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+
+    protocol = atommem_env.ENV_IDS[args.env_id].get("protocol", "atommem")
+    generator = None
+    if any(p in READER_POLICIES or p == "llm" for p in args.policies):
+        generator = make_generator(args.model, endpoint=args.endpoint, adapter=args.adapter, device=args.device,
+                                   dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                                   max_prompt_tokens=args.max_prompt_tokens, timeout=args.request_timeout)
+    results: dict = {}
+    total = len(args.policies) * len(args.context_tokens) * args.num_episodes
+    with tqdm(total=total, desc="episodes") as progress:
+        for name in args.policies:
+            for length in args.context_tokens:
+                policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed)
+                results.setdefault(name, {})[str(length)] = evaluate(policy, args, length, progress)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = markdown(results, args)
+    print("\n" + report)
+    (out / f"{args.exp_name}.md").write_text(report)
+    (out / f"{args.exp_name}.json").write_text(json.dumps({"args": asdict(args), "results": results}, indent=1,
+                                                          default=str))
+    plot(results, out / f"{args.exp_name}_em_vs_context.png")
+    print(f"wrote {out / args.exp_name}.md, .json and _em_vs_context.png")

@@ -1,0 +1,218 @@
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import atommem_env  # noqa: F401
+from agents import POLICIES, HFGenerator, OpenAIGenerator, build_messages, make_policy, unbatch
+from agents.models import build_tiny_model, load_causal_lm
+from atommem_env.protocols import parse_action
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_generator():
+    return HFGenerator.from_pretrained("tiny", device="cpu", max_new_tokens=12)
+
+
+def run_episodes(policy, env_id="AtomMem/Synthetic-v0", num_envs=2, episodes=2, **kwargs):
+    kwargs = {"embedder": "hashing", "context_tokens": 600, "chunk_tokens": 256, **kwargs}
+    envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **kwargs)
+    obs, _ = envs.reset(seed=0)
+    finished = []
+    for _ in range(200):
+        outputs = policy.act(unbatch(obs, num_envs), envs.get_attr("task"))
+        obs, _, terminated, truncated, info = envs.step([o.text for o in outputs])
+        finished += [{"em": info["em"][i], "ops": {k: v[i] for k, v in info["op_counts"].items()},
+                      "invalid": info["total_invalid_ops"][i]} for i in np.flatnonzero(terminated | truncated)]
+        if len(finished) >= episodes:
+            break
+    envs.close()
+    assert len(finished) >= episodes
+    return finished
+
+
+def test_tiny_model_is_built_locally_and_reloads(tmp_path):
+    path = build_tiny_model(tmp_path / "tiny")
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    model, tokenizer = load_causal_lm(str(path), device="cpu")
+    assert model.config.num_hidden_layers == 2 and tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "<create>x</create>"}], add_generation_prompt=True,
+                                        return_dict=True)["input_ids"]
+    assert len(ids) > 3 and tokenizer.decode(ids).startswith("<|im_start|>user\n<create>x</create><|im_end|>")
+    with pytest.raises(ValueError, match="model path not found"):
+        load_causal_lm(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        load_causal_lm(str(path), adapter=str(tmp_path), device="cpu")
+
+
+def test_hf_generator_returns_ids_and_logprobs(tiny_generator):
+    messages = build_messages({"question": "q", "chunk": "some text", "scratchpad": "", "retrieved": "", "feedback": "",
+                               "chunk_index": 0, "num_chunks": 2, "memory_size": 0, "reads_left": 2})
+    greedy = tiny_generator.generate([messages, messages])
+    assert greedy[0].completion_ids == greedy[1].completion_ids  # left padding does not change the result
+    assert len(greedy[0].logprobs) == len(greedy[0].completion_ids) > 0
+    assert all(lp <= 0 for lp in greedy[0].logprobs)
+    assert greedy[0].prompt_ids == tiny_generator.encode_prompt(messages)
+
+
+@pytest.mark.parametrize("name", ["noop", "random", "oracle"])
+def test_model_free_policies_run_through_the_env(name):
+    finished = run_episodes(make_policy(name, seed=0), episodes=4)
+    ems = [f["em"] for f in finished]
+    if name == "oracle":
+        assert ems == [1.0] * len(ems) and all(f["invalid"] == 0 for f in finished)
+    else:
+        assert max(ems) == 0.0
+
+
+def test_oracle_updates_volatile_facts():
+    finished = run_episodes(make_policy("oracle"), episodes=8, synthetic={"volatility": 1.0, "hops": (3, 3)})
+    assert all(f["em"] == 1.0 for f in finished) and sum(f["ops"]["update"] for f in finished) > 0
+
+
+def test_oracle_on_hotpotqa(hotpot_path):
+    finished = run_episodes(make_policy("oracle"), "AtomMem/HotpotQA-v0", data_path=str(hotpot_path), episodes=4)
+    assert all(f["em"] == 1.0 for f in finished)
+
+
+@pytest.mark.parametrize("name", ["no-memory", "memagent", "rag", "write-only", "read-only", "llm"])
+def test_llm_policies_run_through_the_env(name, tiny_generator):
+    finished = run_episodes(make_policy(name, generator=tiny_generator), episodes=2)
+    assert all(f["em"] in (0.0, 1.0) for f in finished)
+    if name in ("rag", "write-only"):
+        assert all(f["ops"]["create"] > 0 for f in finished)
+    if name in ("rag", "read-only"):
+        assert all(f["ops"]["read"] == 1 for f in finished)
+    if name == "memagent":
+        assert all(f["ops"]["scratchpad"] > 0 for f in finished)
+
+
+def test_reader_workflow_actions_parse_cleanly(tiny_generator):
+    policy = make_policy("rag", generator=tiny_generator)
+    obs = {"question": "q?", "chunk": "Document 1: A\nFirst para.\n\nDocument 2: B\n" + "Long sentence. " * 200,
+           "scratchpad": "", "retrieved": "", "feedback": "", "chunk_index": 0, "num_chunks": 1, "memory_size": 0,
+           "reads_left": 2}
+    parsed = parse_action(policy.act([obs])[0].text)
+    assert parsed.errors == [] and len(parsed.ops) >= 3 and all(len(op.text) <= 1500 for op in parsed.ops)
+
+
+def test_make_policy_errors():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("psychic")
+    with pytest.raises(ValueError, match="needs a reader"):
+        make_policy("rag")
+    with pytest.raises(ValueError, match="oracle writes the atommem protocol"):
+        make_policy("oracle", protocol="paper")
+    assert set(POLICIES) >= {"noop", "random", "oracle", "rag", "memagent", "llm"}
+
+
+class _ChatServer(BaseHTTPRequestHandler):
+    """/v1: answers with the tiny model; /slow/v1: sleeps past the client's time-out; /broken/v1: HTTP 500;
+    /garbled/v1: 200 with a body that is not a chat completion."""
+
+    generator = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/slow"):
+            time.sleep(1.5)
+        if self.path.startswith("/broken"):
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"internal error")
+            return
+        if self.path.startswith("/garbled"):
+            payload = {"nothing": "here"}
+        else:
+            text = self.generator.generate([body["messages"]])[0].text
+            payload = {"choices": [{"message": {"role": "assistant", "content": text}}], "model": body["model"]}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_generator):
+    _ChatServer.generator = tiny_generator
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_openai_client_against_a_loopback_server(chat_server, tiny_generator):
+    client = OpenAIGenerator(f"{chat_server}/v1", "tiny", max_new_tokens=12)
+    messages = [{"role": "user", "content": "hello"}]
+    reply = client.generate([messages])[0]
+    assert reply.error is None and reply.text == tiny_generator.generate([messages])[0].text
+    slow = OpenAIGenerator(f"{chat_server}/slow/v1", "tiny", timeout=0.5, max_retries=0).generate([messages])[0]
+    assert slow.text == "" and "within 0.5 s" in slow.error
+    broken = OpenAIGenerator(f"{chat_server}/broken/v1", "tiny", max_retries=0).generate([messages])[0]
+    assert "HTTP 500" in broken.error
+    garbled = OpenAIGenerator(f"{chat_server}/garbled/v1", "tiny").generate([messages])[0]
+    assert "malformed reply" in garbled.error
+    closed = OpenAIGenerator("http://127.0.0.1:9/v1", "tiny", max_retries=0).generate([messages])[0]
+    assert "cannot reach" in closed.error
+    with pytest.raises(ValueError, match="base_url"):
+        OpenAIGenerator("localhost:8000", "m")
+
+
+def _eval(*flags, timeout=600):
+    cmd = [sys.executable, "eval.py", "--embedder", "hashing", "--num-episodes", "2", "--num-envs", "2",
+           "--context-tokens", "300", "600", "--max-new-tokens", "8", *flags]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_end_to_end_writes_reports(tmp_path):
+    result = _eval("--policies", "oracle", "noop", "llm", "--model", "tiny", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert report["oracle"]["300"]["em"] == 1.0 and report["noop"]["600"]["em"] == 0.0
+    assert report["llm"]["300"]["episodes"] == 2
+    assert (tmp_path / "eval_em_vs_context.png").stat().st_size > 1000
+    assert "| oracle | 300 | 1.000" in (tmp_path / "eval.md").read_text()
+
+
+def test_eval_is_deterministic(tmp_path):
+    for run in ("a", "b"):
+        assert _eval("--policies", "random", "oracle", "--output-dir", str(tmp_path / run)).returncode == 0
+    strip = lambda p: {k: {n: {m: v for m, v in r.items() if m != "seconds_per_episode" and m != "records"}  # noqa: E731
+                            for n, r in by.items()} for k, by in json.loads(p.read_text())["results"].items()}
+    assert strip(tmp_path / "a" / "eval.json") == strip(tmp_path / "b" / "eval.json")
+
+
+def test_eval_marks_failed_episodes_and_goes_on(chat_server, tmp_path):
+    result = _eval("--policies", "rag", "--endpoint", f"{chat_server}/broken/v1", "--model", "tiny",
+                   "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    cell = json.loads((tmp_path / "eval.json").read_text())["results"]["rag"]["300"]
+    assert cell["failed_episodes"] == 2 and "HTTP 500" in cell["failures"][0] and cell["em"] == 0.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--policies", "psychic"], "unknown policies"),
+    (["--env-id", "AtomMem/HotpotQA-v0"], "needs --data-path"),
+    (["--env-id", "AtomMem/HotpotQA-v0", "--data-path", "/nope.json"], "does not exist"),
+    (["--env-id", "CartPole-v1"], "unknown env id"),
+    (["--num-episodes", "0"], "must be positive"),
+    (["--top-k", "0"], "top_k must be a positive integer"),
+    (["--num-envs", "two"], "num-envs"),
+])
+def test_eval_bad_flags_fail_clearly(flags, message):
+    result = _eval(*flags, timeout=120)
+    assert result.returncode != 0 and message in result.stderr + result.stdout
