@@ -16,15 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import tyro
 from tqdm import tqdm
 
 import atommem_env
-from agents import POLICIES, READER_POLICIES, make_generator, make_policy, unbatch
-from atommem_env.wrappers import TaskSchedule
-
-OP_KEYS = ("create", "read", "update", "delete", "scratchpad", "query")
+from agents import POLICIES, READER_POLICIES, make_generator, make_policy
+from agents.evaluation import evaluate_policy
 
 
 @dataclass
@@ -100,72 +97,6 @@ def env_kwargs(args: Args, context_tokens: int) -> dict:
     return kwargs
 
 
-def make_envs(args: Args, context_tokens: int, schedules: list[list[int]]) -> gym.vector.SyncVectorEnv:
-    kwargs = env_kwargs(args, context_tokens)
-    fns = [lambda s=s: TaskSchedule(gym.make(args.env_id, **kwargs), s) for s in schedules]
-    return gym.vector.SyncVectorEnv(fns)
-
-
-def evaluate(policy, args: Args, context_tokens: int, progress: tqdm) -> dict:
-    """Runs tasks 0..num_episodes-1 (env i takes tasks i, i+n, ...) and returns per-episode records."""
-    n = min(args.num_envs, args.num_episodes)
-    schedules = [list(range(i, args.num_episodes, n)) for i in range(n)]
-    envs = make_envs(args, context_tokens, schedules)
-    obs, _ = envs.reset(seed=args.seed)
-    remaining = [len(s) for s in schedules]
-    failed: list[str | None] = [None] * n
-    started = [time.perf_counter()] * n
-    episodes = []
-    just_reset = np.zeros(n, dtype=bool)
-    while any(remaining):
-        observations = unbatch(obs, n)
-        tasks = envs.get_attr("task")
-        active = [i for i in range(n) if remaining[i] and not failed[i] and not just_reset[i]]
-        actions = [""] * n
-        if active:
-            outputs = policy.act([observations[i] for i in active], [tasks[i] for i in active], slots=active)
-            for i, out in zip(active, outputs):
-                actions[i] = out.text
-                if out.error:
-                    failed[i] = out.error  # the episode is lost; empty actions run it to its end
-        obs, _, terminated, truncated, info = envs.step(actions)
-        just_reset[:] = False
-        for i in np.flatnonzero(terminated | truncated):
-            just_reset[i] = True  # next step is the vector env's autoreset: its action is ignored
-            if not remaining[i]:
-                continue
-            remaining[i] -= 1
-            episodes.append({
-                "task_id": info["task_id"][i], "em": 0.0 if failed[i] else float(info["em"][i]),
-                "f1": 0.0 if failed[i] else float(info["f1"][i]), "failed": failed[i],
-                "answer": info["answers"][i], "gold": info["gold_answers"][i],
-                "ops": {k: int(info["op_counts"][k][i]) for k in OP_KEYS},
-                "invalid_ops": int(info["total_invalid_ops"][i]), "tokens_shown": int(info["tokens_shown"][i]),
-                "num_chunks": int(info["num_chunks"][i]), "seconds": time.perf_counter() - started[i],
-            })
-            failed[i] = None
-            started[i] = time.perf_counter()
-            progress.update(1)
-    envs.close()
-    return summarize(episodes)
-
-
-def summarize(episodes: list[dict]) -> dict:
-    mean = lambda key: float(np.mean([e[key] for e in episodes]))  # noqa: E731
-    return {
-        "episodes": len(episodes),
-        "em": mean("em"), "em_stderr": float(np.std([e["em"] for e in episodes]) / np.sqrt(len(episodes))),
-        "f1": mean("f1"),
-        "ops_per_episode": {k: float(np.mean([e["ops"][k] for e in episodes])) for k in OP_KEYS},
-        "invalid_ops_per_episode": mean("invalid_ops"),
-        "tokens_shown_per_episode": mean("tokens_shown"),
-        "seconds_per_episode": mean("seconds"),
-        "failed_episodes": sum(e["failed"] is not None for e in episodes),
-        "failures": sorted({e["failed"] for e in episodes if e["failed"]}),
-        "records": episodes,
-    }
-
-
 def markdown(results: dict, args: Args) -> str:
     lines = [f"# {args.exp_name}: {args.env_id}, split {args.split}, {args.num_episodes} episodes per cell", "",
              "| policy | context tokens | EM | F1 | C/R/U/D/S per episode | invalid ops | tokens read | s per episode | failed |",
@@ -231,7 +162,9 @@ if __name__ == "__main__":
         for name in args.policies:
             for length in args.context_tokens:
                 policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed)
-                results.setdefault(name, {})[str(length)] = evaluate(policy, args, length, progress)
+                results.setdefault(name, {})[str(length)] = evaluate_policy(
+                    policy, args.env_id, env_kwargs(args, length), args.num_episodes, args.num_envs, args.seed,
+                    progress=progress.update)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

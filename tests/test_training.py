@@ -1,0 +1,191 @@
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+import train_grpo
+from agents import HFGenerator, build_messages
+from train_grpo import StepSample, group_advantages, grpo_loss, token_logprobs
+
+
+def _run(script, *flags, timeout=600):
+    return subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(save_dir):
+    (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
+    return run, json.loads((run / "summary.json").read_text())
+
+
+SFT_TINY = ["--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "--num-train-episodes", "4",
+            "--num-envs", "2", "--num-epochs", "1", "--batch-size", "4", "--eval-episodes", "2",
+            "--eval-context-tokens", "300", "--eval-max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("sft")
+    traj = save_dir / "traj.jsonl"
+    result = _run("train_sft.py", *SFT_TINY, "--save-dir", str(save_dir), "--save-trajectories", str(traj))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, summary = _summary(save_dir)
+    assert summary["teacher_em"] == 1.0 and summary["steps"] >= 1 and "300" in summary["eval"]
+    assert list(run.glob("events.out.tfevents.*"))
+    return run / "checkpoint", traj
+
+
+def test_sft_smoke_writes_a_checkpoint_that_eval_loads(sft_checkpoint, tmp_path):
+    checkpoint, traj = sft_checkpoint
+    for name in ("config.json", "tokenizer.json", "args.json", "trainer_state.pt"):
+        assert (checkpoint / name).is_file()
+    records = [json.loads(line) for line in traj.read_text().splitlines()]
+    assert records and all(r["messages"][0]["role"] == "system" for r in records)
+    assert any("<create>" in r["completion"] for r in records)
+    result = _run("eval.py", "--policies", "llm", "--model", str(checkpoint), "--env-id", "AtomMem/SyntheticEasy-v0",
+                  "--embedder", "hashing", "--num-episodes", "2", "--num-envs", "2", "--context-tokens", "300",
+                  "--max-new-tokens", "8", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["llm"]["300"]["episodes"] == 2
+
+
+def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
+    _, traj = sft_checkpoint
+    flags = [*SFT_TINY, "--trajectories", str(traj), "--lora-r", "4", "--eval-episodes", "0"]
+    result = _run("train_sft.py", *flags, "--save-dir", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, summary = _summary(tmp_path / "a")
+    checkpoint = run / "checkpoint"
+    assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file()
+    assert (checkpoint / "atommem_base.json").is_file()
+    resumed = _run("train_sft.py", *flags, "--num-epochs", "2", "--resume", str(checkpoint),
+                   "--save-dir", str(tmp_path / "b"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, resumed_summary = _summary(tmp_path / "b")
+    assert resumed_summary["steps"] == 2 * summary["steps"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/no/such/model"], "model path not found"),
+    (["--trajectories", "/no/such.jsonl"], "does not exist"),
+    (["--env-id", "AtomMem/HotpotQA-v0"], "needs --data-path"),
+    (["--max-completion-tokens", "2000"], "below --max-seq-len"),
+    (["--lora-r", "4", "--lora-target-modules", "nonexistent_proj"], "LoRA set-up failed"),
+    (["--resume", "/tmp"], "not a checkpoint directory"),
+    (["--learning-rate", "fast"], "learning-rate"),
+])
+def test_sft_bad_flags(flags, message, tmp_path):
+    result = _run("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags, timeout=300)
+    assert result.returncode != 0 and message in result.stderr + result.stdout
+
+
+def test_sft_malformed_trajectory_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": [], "completion": "x"}\n{"prompt": "no"}\n')
+    result = _run("train_sft.py", *SFT_TINY, "--trajectories", str(path), "--save-dir", str(tmp_path), timeout=300)
+    assert result.returncode != 0 and "bad.jsonl, line 2" in result.stderr
+
+
+def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
+    checkpoint, _ = sft_checkpoint
+    flags = ["--model", str(checkpoint), "--context-tokens", "300", "--num-iterations", "2", "--tasks-per-iteration",
+             "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-episodes", "2", "--num-envs", "2",
+             "--eval-max-new-tokens", "8", "--beta", "0.01"]
+    result = _run("train_grpo.py", *flags, "--save-dir", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, summary = _summary(tmp_path / "a")
+    assert [h["iteration"] for h in summary["eval_history"]] == [0, 2]
+    assert (run / "checkpoint" / "trainer_state.pt").is_file()
+    resumed = _run("train_grpo.py", *flags, "--num-iterations", "3", "--resume", str(run / "checkpoint"),
+                   "--save-dir", str(tmp_path / "b"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "iter=3 " in resumed.stdout and "iter=1 " not in resumed.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss-type", "ppo"], "--loss-type"), (["--group-size", "1"], "at least 2"),
+    (["--reward", "bleu"], "--reward"), (["--temperature", "0"], "--temperature"),
+])
+def test_grpo_bad_flags(flags, message, tmp_path):
+    result = _run("train_grpo.py", "--save-dir", str(tmp_path), *flags, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_group_advantages():
+    rewards = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    scaled, zero = group_advantages(rewards, 4, scale=True)
+    assert zero == 0.5 and np.allclose(scaled[4:], 0)
+    std = np.std([1, 0, 0, 0])
+    assert np.allclose(scaled[:4], (np.array([1, 0, 0, 0]) - 0.25) / (std + 1e-4))
+    centred, _ = group_advantages(rewards, 4, scale=False)
+    assert np.allclose(centred[:4], [0.75, -0.25, -0.25, -0.25])
+
+
+def _args(**kw):
+    base = dict(epsilon=0.2, epsilon_high=None, beta=0.0, loss_type="grpo")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_grpo_loss_types_match_hand_computation():
+    # Two samples: 2 tokens and 1 token; ratio 1 everywhere, so the loss is -advantage averaged by each rule.
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv, w = torch.tensor([1.0, -2.0]), torch.tensor([1.0, 1.0])
+    grpo, _ = grpo_loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="grpo"), 4)
+    assert grpo.item() == pytest.approx((-1 + 2) / 2)
+    dapo, _ = grpo_loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="dapo"), 4)
+    assert dapo.item() == pytest.approx((-1 - 1 + 2) / 3)
+    dr, _ = grpo_loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="dr_grpo"), 4)
+    assert dr.item() == pytest.approx((-1 - 1 + 2) / (2 * 4))
+    weighted, _ = grpo_loss(logprobs, logprobs, None, adv, torch.tensor([3.0, 1.0]), mask, _args(), 4)
+    assert weighted.item() == pytest.approx((3 * -1 + 1 * 2) / 4)
+
+
+def test_grpo_loss_clips_and_kl():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    mask = torch.ones(1, 2)
+    loss, stats = grpo_loss(new, old, None, torch.tensor([1.0]), torch.ones(1), mask, _args(), 2)
+    # positive advantage: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5
+    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2) and stats["clipfrac"] == 1.0
+    loss_high, _ = grpo_loss(new, old, None, torch.tensor([1.0]), torch.ones(1), mask, _args(epsilon_high=0.28), 2)
+    assert loss_high.item() == pytest.approx(-(1.28 + 0.5) / 2)
+    ref = torch.zeros(1, 2)
+    with_kl, stats = grpo_loss(old, old, ref + 0.1, torch.tensor([0.0]), torch.ones(1), mask, _args(beta=0.5), 2)
+    k3 = np.exp(0.1) - 0.1 - 1
+    assert with_kl.item() == pytest.approx(0.5 * k3, rel=1e-5) and stats["kl"] == pytest.approx(k3, rel=1e-5)
+
+
+def test_rollout_logprobs_match_the_training_forward_pass():
+    generator = HFGenerator.from_pretrained("tiny", device="cpu", max_new_tokens=10, temperature=0.7)
+    torch.manual_seed(0)
+    obs = {"question": "Who?", "chunk": "Document 1: Record 1\nSome filler text.", "scratchpad": "", "retrieved": "",
+           "feedback": "", "chunk_index": 0, "num_chunks": 1, "memory_size": 0, "reads_left": 2}
+    generations = generator.generate([build_messages(obs), build_messages({**obs, "question": "Where is it?"})])
+    samples = [StepSample(g.prompt_ids, g.completion_ids, g.logprobs, episode=i) for i, g in enumerate(generations)]
+    logprobs, _, mask = token_logprobs(generator.model, samples, generator.tokenizer.pad_token_id, 0.7, "cpu")
+    for row, s in enumerate(samples):
+        n = len(s.completion_ids)
+        assert torch.allclose(logprobs[row, :n], torch.tensor(s.old_logprobs), atol=1e-4)
+        assert mask[row].sum() == n
+
+
+def test_task_schedule_slots_put_groups_on_one_task():
+    import gymnasium as gym
+
+    from atommem_env.wrappers import TaskSchedule
+
+    envs = gym.vector.SyncVectorEnv([lambda i=i: TaskSchedule(gym.make("AtomMem/SyntheticEasy-v0", embedder="hashing"),
+                                                              slot=i) for i in range(4)])
+    envs.reset(seed=0, options={"task_indices": [7, 7, 9, 9]})
+    ids = [t.task_id for t in envs.get_attr("task")]
+    assert ids[0] == ids[1] != ids[2] == ids[3]
+    envs.close()
+
+
+assert train_grpo.Args().loss_type == "grpo"
