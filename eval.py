@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,13 +98,15 @@ def env_kwargs(args: Args, context_tokens: int) -> dict:
 
 def markdown(results: dict, args: Args) -> str:
     lines = [f"# {args.exp_name}: {args.env_id}, split {args.split}, {args.num_episodes} episodes per cell", "",
-             "| policy | context tokens | EM | F1 | C/R/U/D/S per episode | invalid ops | tokens read | s per episode | failed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| policy | context tokens | EM | F1 | C/R/U/D/S/A per episode | invalid ops | valid-op rate | tokens read "
+             "| s per episode | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for policy, by_length in results.items():
         for length, r in by_length.items():
-            ops = "/".join(f"{r['ops_per_episode'][k]:.1f}" for k in ("create", "read", "update", "delete", "scratchpad"))
+            ops = "/".join(f"{r['ops_per_episode'][k]:.1f}"
+                           for k in ("create", "read", "update", "delete", "scratchpad", "answer"))
             lines.append(f"| {policy} | {length} | {r['em']:.3f} ± {r['em_stderr']:.3f} | {r['f1']:.3f} | {ops} | "
-                         f"{r['invalid_ops_per_episode']:.1f} | {r['tokens_shown_per_episode']:.0f} | "
+                         f"{r['invalid_ops_per_episode']:.1f} | {r['valid_op_rate']:.3f} | {r['tokens_shown_per_episode']:.0f} | "
                          f"{r['seconds_per_episode']:.2f} | {r['failed_episodes']} |")
     return "\n".join(lines) + "\n"
 
@@ -153,9 +154,12 @@ if __name__ == "__main__":
     protocol = atommem_env.ENV_IDS[args.env_id].get("protocol", "atommem")
     generator = None
     if any(p in READER_POLICIES or p == "llm" for p in args.policies):
-        generator = make_generator(args.model, endpoint=args.endpoint, adapter=args.adapter, device=args.device,
-                                   dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                                   max_prompt_tokens=args.max_prompt_tokens, timeout=args.request_timeout)
+        try:
+            generator = make_generator(args.model, endpoint=args.endpoint, adapter=args.adapter, device=args.device,
+                                       dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                                       max_prompt_tokens=args.max_prompt_tokens, timeout=args.request_timeout)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}")
     results: dict = {}
     total = len(args.policies) * len(args.context_tokens) * args.num_episodes
     with tqdm(total=total, desc="episodes") as progress:

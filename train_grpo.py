@@ -28,8 +28,8 @@ from torch.utils.tensorboard import SummaryWriter
 import atommem_env
 from agents import HFGenerator, build_messages, unbatch
 from agents.evaluation import OP_KEYS
-from agents.training import (base_model_of, env_kwargs_for, evaluate_and_log, hparams_table, load_trainer_state,
-                             peak_memory_mb, save_checkpoint, setup_model)
+from agents.training import (base_model_of, check_env_args, env_kwargs_for, evaluate_and_log, hparams_table,
+                             load_trainer_state, peak_memory_mb, save_checkpoint, setup_model)
 from atommem_env.wrappers import TaskSchedule
 
 
@@ -221,10 +221,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, a
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.env_id not in atommem_env.ENV_IDS:
-        raise SystemExit(f"error: unknown env id {args.env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
-    if args.env_id in atommem_env.DATA_ENV_IDS and not (args.data_path and Path(args.data_path).is_file()):
-        raise SystemExit(f"error: {args.env_id} needs --data-path pointing at an existing file")
+    check_env_args(args.env_id, args.data_path)
     if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
         raise SystemExit(f"error: --loss-type must be grpo, dapo or dr_grpo, got {args.loss_type!r}")
     if args.reward not in ("em", "f1") or args.episode_weighting not in ("equal", "steps"):
@@ -242,6 +239,9 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     bf16 = args.bf16 if args.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=args.device == "cpu")
+    if accelerator.num_processes > 1:
+        raise SystemExit("error: train_grpo.py runs in a single process for now (rollouts are not yet split across "
+                         "processes); launch it without several processes")
     writer = SummaryWriter(f"{args.save_dir}/{run_name}")
     writer.add_text("hyperparameters", hparams_table(args))
 

@@ -24,8 +24,8 @@ from torch.utils.tensorboard import SummaryWriter
 import atommem_env
 from agents import build_messages, make_generator, make_policy, unbatch
 from agents.backends import chat_prompt_ids, truncate_middle
-from agents.training import (base_model_of, env_kwargs_for, evaluate_and_log, hparams_table, load_trainer_state,
-                             peak_memory_mb, save_checkpoint, setup_model)
+from agents.training import (base_model_of, check_env_args, env_kwargs_for, evaluate_and_log, hparams_table,
+                             load_trainer_state, peak_memory_mb, save_checkpoint, setup_model)
 from atommem_env.wrappers import TaskSchedule
 
 
@@ -184,10 +184,7 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.env_id not in atommem_env.ENV_IDS:
-        raise SystemExit(f"error: unknown env id {args.env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
-    if args.env_id in atommem_env.DATA_ENV_IDS and not (args.data_path and Path(args.data_path).is_file()):
-        raise SystemExit(f"error: {args.env_id} needs --data-path pointing at an existing file")
+    check_env_args(args.env_id, args.data_path)
     if args.trajectories and not Path(args.trajectories).is_file():
         raise SystemExit(f"error: --trajectories {args.trajectories} does not exist")
     if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_seq_len,
@@ -204,6 +201,13 @@ if __name__ == "__main__":
                               mixed_precision="bf16" if bf16 else "no", cpu=args.device == "cpu")
     writer = SummaryWriter(f"{args.save_dir}/{run_name}") if accelerator.is_main_process else None
 
+    try:
+        model, tokenizer = setup_model(args.model, args.gguf_file, args.resume, args.lora_r, args.lora_alpha,
+                                       args.lora_dropout, args.lora_target_modules, args.gradient_checkpointing,
+                                       device=str(accelerator.device), dtype="float32")
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+
     # Data: teacher rollouts (or a JSONL file), one sample per chunk step.
     if args.trajectories:
         samples, teacher_stats = read_trajectories(args.trajectories), {}
@@ -215,12 +219,6 @@ if __name__ == "__main__":
         with open(args.save_trajectories, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
 
-    try:
-        model, tokenizer = setup_model(args.model, args.gguf_file, args.resume, args.lora_r, args.lora_alpha,
-                                       args.lora_dropout, args.lora_target_modules, args.gradient_checkpointing,
-                                       device=str(accelerator.device), dtype="float32")
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
     encoded = [tokenize(s, tokenizer, args) for s in samples]
     args.num_samples = len(encoded)
     args.num_cut_completions = sum(cut for _, _, cut in encoded)
@@ -251,6 +249,7 @@ if __name__ == "__main__":
 
     start_time = time.time()
     tokens_seen, micro = 0, 0
+    step_losses, step_correct, step_targets = [], 0, 0  # over all micro-batches of one optimizer step
     skip_micro = step * args.gradient_accumulation_steps  # resuming: pass over the micro-batches already trained
     for epoch in range(args.num_epochs):
         for batch in loader:
@@ -268,19 +267,23 @@ if __name__ == "__main__":
                 scheduler.step()
                 optimizer.zero_grad()
             tokens_seen += int(batch["attention_mask"].sum())
+            step_losses.append(loss.item())
+            step_correct += int((logits[mask].argmax(-1) == labels[mask]).sum())
+            step_targets += int(mask.sum())
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            accuracy = (logits[mask].argmax(-1) == labels[mask]).float().mean().item()
+            step_loss, accuracy = float(np.mean(step_losses)), step_correct / max(1, step_targets)
+            step_losses, step_correct, step_targets = [], 0, 0
             if writer:
-                writer.add_scalar("losses/loss", loss.item(), step)
+                writer.add_scalar("losses/loss", step_loss, step)
                 writer.add_scalar("charts/token_accuracy", accuracy, step)
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("charts/tokens_per_second", tokens_seen / (time.time() - start_time), step)
                 writer.add_scalar("charts/peak_memory_mb", peak_memory_mb(), step)
                 writer.add_scalar("charts/epoch", epoch, step)
             if step % 10 == 0:
-                print(f"step={step} epoch={epoch} loss={loss.item():.4f} token_acc={accuracy:.3f} "
+                print(f"step={step} epoch={epoch} loss={step_loss:.4f} token_acc={accuracy:.3f} "
                       f"tokens/s={tokens_seen / (time.time() - start_time):.0f}")
             if args.eval_every and step % args.eval_every == 0 and writer and args.eval_episodes:
                 evaluate_and_log(accelerator.unwrap_model(model), tokenizer, args, step, writer)

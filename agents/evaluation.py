@@ -76,6 +76,7 @@ def summarize(episodes: list[dict]) -> dict:
         "f1": mean("f1"),
         "ops_per_episode": {k: float(np.mean([e["ops"][k] for e in episodes])) for k in OP_KEYS + ("answer",)},
         "invalid_ops_per_episode": mean("invalid_ops"),
+        # Valid ops over all attempted; 1.0 when nothing was attempted (read it with the op counts).
         "valid_op_rate": valid / (valid + invalid) if valid + invalid else 1.0,
         "tokens_shown_per_episode": mean("tokens_shown"),
         "seconds_per_episode": mean("seconds"),

@@ -19,6 +19,16 @@ from .models import BASE_MODEL_FILE, load_causal_lm
 TRAINER_STATE = "trainer_state.pt"
 
 
+def check_env_args(env_id: str, data_path: str | None) -> None:
+    """Exits with a clear message for an unknown id or a dataset id without an existing data file."""
+    import atommem_env
+
+    if env_id not in atommem_env.ENV_IDS:
+        raise SystemExit(f"error: unknown env id {env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
+    if env_id in atommem_env.DATA_ENV_IDS and not (data_path and Path(data_path).is_file()):
+        raise SystemExit(f"error: {env_id} needs --data-path pointing at an existing file")
+
+
 def setup_model(model: str, gguf_file: str | None, resume: str | None, lora_r: int, lora_alpha: int,
                 lora_dropout: float, lora_target_modules: tuple[str, ...], gradient_checkpointing: bool, device: str,
                 dtype: str):

@@ -43,7 +43,7 @@ def test_tiny_model_is_built_locally_and_reloads(tmp_path):
     path = build_tiny_model(tmp_path / "tiny")
     assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
     model, tokenizer = load_causal_lm(str(path), device="cpu")
-    assert model.config.num_hidden_layers == 2 and tokenizer.chat_template
+    assert model.config.num_hidden_layers == 4 and tokenizer.chat_template
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "<create>x</create>"}], add_generation_prompt=True,
                                         return_dict=True)["input_ids"]
     assert len(ids) > 3 and tokenizer.decode(ids).startswith("<|im_start|>user\n<create>x</create><|im_end|>")
@@ -211,6 +211,7 @@ def test_eval_marks_failed_episodes_and_goes_on(chat_server, tmp_path):
     (["--env-id", "CartPole-v1"], "unknown env id"),
     (["--num-episodes", "0"], "must be positive"),
     (["--top-k", "0"], "top_k must be a positive integer"),
+    (["--policies", "llm", "--model", "./no/such/model"], "model path not found"),
     (["--num-envs", "two"], "num-envs"),
 ])
 def test_eval_bad_flags_fail_clearly(flags, message):

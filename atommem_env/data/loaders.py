@@ -67,13 +67,18 @@ def _stable_id(prefix: str, text: str) -> str:
     return f"{prefix}-{hashlib.blake2b(text.encode('utf-8'), digest_size=6).hexdigest()}"
 
 
+def _column_pairs(value: dict, first: str, second: str, path, index, field_name: str) -> list[tuple]:
+    """The Hugging Face layout's {first: [...], second: [...]} -> [(first, second), ...]."""
+    a, b = value.get(first), value.get(second)
+    if not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b):
+        raise DataFormatError(path, index, field_name, f"expected {{{first}: [...], {second}: [...]}} of equal lengths")
+    return list(zip(a, b))
+
+
 def _sentence_paragraphs(context, path, index) -> list[tuple[str, list[str]]]:
     """Both HotpotQA layouts -> [(title, sentences)]."""
     if isinstance(context, dict):
-        titles, sentences = context.get("title"), context.get("sentences")
-        if not isinstance(titles, list) or not isinstance(sentences, list) or len(titles) != len(sentences):
-            raise DataFormatError(path, index, "context", "expected {title: [...], sentences: [[...]]} of equal lengths")
-        pairs = list(zip(titles, sentences))
+        pairs = _column_pairs(context, "title", "sentences", path, index, "context")
     elif isinstance(context, list):
         pairs = []
         for entry in context:
@@ -90,10 +95,7 @@ def _sentence_paragraphs(context, path, index) -> list[tuple[str, list[str]]]:
 
 def _supporting_pairs(facts, path, index) -> list[tuple[str, int]]:
     if isinstance(facts, dict):
-        titles, ids = facts.get("title"), facts.get("sent_id")
-        if not isinstance(titles, list) or not isinstance(ids, list) or len(titles) != len(ids):
-            raise DataFormatError(path, index, "supporting_facts", "expected {title: [...], sent_id: [...]} of equal lengths")
-        pairs = list(zip(titles, ids))
+        pairs = _column_pairs(facts, "title", "sent_id", path, index, "supporting_facts")
     elif isinstance(facts, list):
         if not all(isinstance(f, (list, tuple)) and len(f) == 2 for f in facts):
             raise DataFormatError(path, index, "supporting_facts", "expected [[title, sentence index], ...]")
