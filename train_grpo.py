@@ -299,6 +299,7 @@ if __name__ == "__main__":
         for s in samples:
             s.advantage = float(advantages[s.episode])
             s.weight = 1.0 / steps_per_episode[s.episode] if args.episode_weighting == "equal" else 1.0
+        response_lengths = [len(s.completion_ids) for s in samples]  # all steps, before any are dropped
         # Samples with no policy token (cannot happen with eos kept) or zero advantage carry no gradient.
         samples = [s for s in samples if s.completion_ids and (s.advantage != 0 or args.beta > 0)]
         # 3. Update.
@@ -348,14 +349,12 @@ if __name__ == "__main__":
                           iteration)
         for op in OP_KEYS + ("answer",):
             writer.add_scalar(f"rollout/ops_{op}_per_episode", np.mean([e["ops"][op] for e in episodes]), iteration)
-        lengths = [len(s.completion_ids) for s in samples] or [0]
-        writer.add_scalar("rollout/response_length", float(np.mean(lengths)), iteration)
+        writer.add_scalar("rollout/response_length", float(np.mean(response_lengths)), iteration)
         for key, values in stats.items():
             if values:
                 writer.add_scalar(f"losses/{'policy_loss' if key == 'loss' else key}", float(np.mean(values)), iteration)
-        generated = sum(len(s.completion_ids) for s in samples)
         writer.add_scalar("charts/episodes_per_second", num_envs / rollout_time, iteration)
-        writer.add_scalar("charts/rollout_tokens_per_second", generated / rollout_time, iteration)
+        writer.add_scalar("charts/rollout_tokens_per_second", sum(response_lengths) / rollout_time, iteration)
         writer.add_scalar("charts/train_tokens_per_second", train_tokens / max(update_time, 1e-9), iteration)
         writer.add_scalar("charts/peak_memory_mb", peak_memory_mb(), iteration)
         print(f"iter={iteration} reward={rewards.mean():.3f} em={ems.mean():.3f} zero_std={zero_std:.2f} "

@@ -21,7 +21,8 @@ ENV_IDS = {
     # Synthetic family: no data files. The first is the README's default.
     "AtomMem/Synthetic-v0": dict(dataset="synthetic", context_tokens=4000, chunk_tokens=512),
     "AtomMem/SyntheticEasy-v0": dict(dataset="synthetic", context_tokens=400, chunk_tokens=256,
-                                     synthetic={"hops": (1, 1), "distractors": 2, "volatility": 0.0}),
+                                     synthetic={"hops": (1, 1), "distractors": 2, "volatility": 0.0,
+                                                "name_pool": 32}),
     "AtomMem/SyntheticVolatile-v0": dict(dataset="synthetic", context_tokens=4000, chunk_tokens=512,
                                          synthetic={"volatility": 0.8, "hops": (2, 4)}),
     "AtomMem/SyntheticMultiQuery-v0": dict(dataset="synthetic", context_tokens=8000, chunk_tokens=1024,

@@ -184,6 +184,26 @@ def test_synthetic_difficulty_knobs_and_splits():
         train.get(50)
 
 
+def test_synthetic_name_pool_closes_the_answer_set():
+    from atommem_env.data.synthetic import _name_pools
+
+    pool = {name for names in _name_pools(16).values() for name in names}
+    answers = set()
+    for seed in range(40):
+        task = generate_task(seed, hops=(1, 2), distractors=3, volatility=0.0, context_tokens=300, name_pool=16)
+        assert task == generate_task(seed, hops=(1, 2), distractors=3, volatility=0.0, context_tokens=300,
+                                     name_pool=16)
+        answer = task.questions[0].answers[0]
+        assert answer in pool and answer in "\n".join(p.text for p in task.paragraphs)
+        answers.add(answer)
+    assert len(answers) > 10  # the document, not the pool, decides the answer
+    assert generate_task(0, name_pool=None).questions[0].answers[0] not in pool
+    with pytest.raises(ValueError, match="name_pool"):
+        generate_task(0, name_pool=4)
+    with pytest.raises(ValueError, match="too small"):  # 8 cities cannot serve 30 distractor facts
+        generate_task(0, hops=(1, 1), distractors=30, name_pool=8)
+
+
 def test_one_million_token_episode_streams_lazily():
     task = generate_task(0, context_tokens=1_000_000)
     chunker = Chunker(task.paragraphs, COUNTER, 4096)

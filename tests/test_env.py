@@ -273,3 +273,23 @@ def test_sync_vector_envs_share_one_embedder_instance():
     first, second = (e.unwrapped.memory.embedder for e in envs.envs)
     assert first is second
     envs.close()
+
+
+def test_readme_example_runs_as_written(monkeypatch, hotpot_path):
+    import re
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "env.step" in block)
+    monkeypatch.chdir(REPO)  # the example names ../shared/data relative to the checkout
+    shown = []
+
+    def my_policy(obs):
+        shown.append(obs["chunk"])
+        return "<create>a note</create>" if obs["chunk"] else "<answer>yes</answer>"
+
+    scope = {"my_policy": my_policy}
+    exec(example, scope)
+    assert scope["terminated"] and len(shown) == scope["info"]["num_chunks"] + 1
+    assert scope["info"]["memory_size"] == scope["info"]["num_chunks"]

@@ -101,6 +101,15 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
     run, summary = _summary(tmp_path / "a")
     assert [h["iteration"] for h in summary["eval_history"]] == [0, 2]
     assert (run / "checkpoint" / "trainer_state.pt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(run))
+    logs.Reload()
+    for tag in ("rollout/response_length", "charts/rollout_tokens_per_second", "rollout/zero_std_group_fraction",
+                "rollout/ops_create_per_episode", "losses/kl", "eval/em_400"):
+        assert len(logs.Scalars(tag)) == 2, tag
+    # Every rollout step generates at least its end-of-turn token, whatever the rewards.
+    assert all(e.value >= 1 for e in logs.Scalars("rollout/response_length"))
     resumed = _run("train_grpo.py", *flags, "--num-iterations", "3", "--resume", str(run / "checkpoint"),
                    "--save-dir", str(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

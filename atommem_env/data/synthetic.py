@@ -13,6 +13,9 @@ A task is built from its seed alone:
    With the same probability the answer entity is renamed after it was mentioned
    ("X was renamed Y"), and the gold answer is the current name.
 4. `distractors` facts about look-alike entities (one letter changed) with the same relations.
+   With `name_pool=N`, every entity name (not the look-alikes) is drawn from a fixed inventory
+   of N invented names per kind, the same for every task: answers come from a closed set a
+   small model can learn, while the document still decides which one is right.
 5. Filler sentences (common words only, never an entity name) up to `context_tokens` tokens.
 
 Sentences are grouped into titled paragraphs ("Record k"). Every question carries its
@@ -25,6 +28,7 @@ of a split has seed `2i` (train), `2i+1` (eval) or `i` ("all"), plus `seed * 2**
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,15 +107,26 @@ class _Fact:
 class SyntheticWorld:
     """Builds one task from a seed; see the module docstring."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, name_pool: int | None = None):
         self.rng = rng
         self.names: set[str] = set()
+        self.pools = _name_pools(name_pool) if name_pool else None
 
     def _syllable(self) -> str:
         r = self.rng
         return _ONSETS[r.integers(len(_ONSETS))] + _VOWELS[r.integers(len(_VOWELS))] + _CODAS[r.integers(len(_CODAS))]
 
     def new_name(self, kind: str) -> str:
+        if self.pools is not None:
+            unused = [name for name in self.pools[kind] if name not in self.names]
+            if not unused:
+                raise ValueError(f"name_pool={len(self.pools[kind])} is too small for this task's {kind} entities")
+            name = unused[self.rng.integers(len(unused))]
+            self.names.add(name)
+            return name
+        return self.invent_name(kind)
+
+    def invent_name(self, kind: str) -> str:
         for _ in range(1000):
             base = "".join(self._syllable() for _ in range(int(self.rng.integers(2, 4)))).capitalize()
             if kind == "person":
@@ -151,6 +166,13 @@ class SyntheticWorld:
         raise RuntimeError("unreachable: every kind has relations")
 
 
+@functools.cache
+def _name_pools(size: int) -> dict[str, tuple[str, ...]]:
+    """`size` invented names per kind from a fixed seed: the closed inventory of `name_pool`."""
+    world = SyntheticWorld(np.random.default_rng(20_260_108))
+    return {kind: tuple(world.invent_name(kind) for _ in range(size)) for kind in ("person", "company", "city", "country")}
+
+
 def _question_text(start: str, relations: list[Relation]) -> str:
     phrase = start
     for relation in relations:
@@ -171,7 +193,7 @@ def _filler_sentences(rng: np.random.Generator, count: int) -> list[str]:
 
 def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int = 6, volatility: float = 0.3,
                   context_tokens: int = 2000, questions: int = 1, sentences_per_paragraph: tuple[int, int] = (4, 8),
-                  task_id: str | None = None) -> Task:
+                  name_pool: int | None = None, task_id: str | None = None) -> Task:
     """One synthetic task; the same arguments always give the same task."""
     low, high = hops
     if not 1 <= low <= high <= 6:
@@ -180,8 +202,10 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
         raise ValueError("distractors must be >= 0, questions >= 1 and context_tokens >= 1")
     if not 0.0 <= volatility <= 1.0:
         raise ValueError(f"volatility must be in [0, 1], got {volatility}")
+    if name_pool is not None and name_pool < 8:
+        raise ValueError(f"name_pool must be None (invented names) or at least 8, got {name_pool}")
     rng = np.random.default_rng(seed)
-    world = SyntheticWorld(rng)
+    world = SyntheticWorld(rng, name_pool)
     facts: list[_Fact] = []
     qa: list[tuple[str, str]] = []
     for q in range(questions):
@@ -257,7 +281,8 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
                                       question_id=f"synthetic-{seed}-{q}"))
     return Task(task_id=task_id or f"synthetic-{seed}", paragraphs=tuple(paragraphs), questions=tuple(questions_out),
                 metadata=(("dataset", "synthetic"), ("seed", seed), ("context_tokens", context_tokens),
-                          ("hops", hops), ("distractors", distractors), ("volatility", volatility)))
+                          ("hops", hops), ("distractors", distractors), ("volatility", volatility),
+                          ("name_pool", name_pool)))
 
 
 class SyntheticTaskSource:
