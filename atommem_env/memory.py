@@ -11,8 +11,9 @@ Usable on its own::
 
 The index is `IndexIDMap2` over an inner-product flat index on normalised embeddings (cosine
 similarity). `precision="fp32"` is exact; `precision="fp16"` stores the vectors as half floats
-(`IndexScalarQuantizer`), which halves the memory scanned per Read: on a 2-core machine a Read
-over 100k entries takes ~12 ms in fp32 and ~5 ms in fp16, at a recall@6 of ~0.998. With
+(`IndexScalarQuantizer`), which halves the memory scanned per Read: on one core of the 2-core
+development machine a Read over 100k entries takes ~9 ms in fp32 and ~6 ms in fp16, at a recall@6
+of ~0.998 (`bench/bench_env.py`, docs/benchmarks.md). With
 faiss-gpu installed, `device="cuda"` (or "cuda:N") puts the index on a GPU.
 """
 
@@ -28,8 +29,11 @@ import numpy as np
 
 from .embedders import Embedder, get_embedder
 
-# Batched searches (a vector env's Reads) use BLAS from 20 queries on, not the default 20.
-faiss.cvar.distance_compute_blas_threshold = 20
+# faiss 1.15 on a flat index: one query is scanned fastest by its SIMD loop (the default
+# threshold), several by BLAS (a low threshold): at 100k entries, 1 query 8 ms vs 24 ms with BLAS,
+# 64 queries 75 ms with BLAS vs 560 ms without. `read_many` picks per call.
+_BLAS_THRESHOLD_SINGLE_QUERY = faiss.cvar.distance_compute_blas_threshold
+_BLAS_THRESHOLD_BATCH = 1
 
 
 class MemoryOpError(Exception):
@@ -126,6 +130,9 @@ class VectorMemory:
             raise MemoryOpError(f"k must be positive, got {k}")
         if not queries or not self._texts:
             return [[] for _ in queries]
+        faiss.cvar.distance_compute_blas_threshold = (
+            _BLAS_THRESHOLD_SINGLE_QUERY if len(queries) == 1 else _BLAS_THRESHOLD_BATCH
+        )
         scores, ids = self.index.search(self.embedder.embed(list(queries)), min(k, len(self)))
         return [
             [MemoryEntry(int(i), self._texts[int(i)], float(s)) for s, i in zip(row_s, row_i) if i >= 0]
