@@ -28,8 +28,8 @@ from torch.utils.tensorboard import SummaryWriter
 import atommem_env
 from agents import HFGenerator, build_messages, unbatch
 from agents.evaluation import OP_KEYS
-from agents.training import (base_model_of, check_env_args, env_kwargs_for, evaluate_and_log, hparams_table,
-                             load_trainer_state, peak_memory_mb, save_checkpoint, setup_model)
+from agents.training import (base_model_of, check_env_args, completion_logits, env_kwargs_for, evaluate_and_log,
+                             hparams_table, load_trainer_state, peak_memory_mb, save_checkpoint, setup_model)
 from atommem_env.wrappers import TaskSchedule
 
 
@@ -39,7 +39,7 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    env_id: str = "AtomMem/SyntheticEasy-v0"
+    env_id: str = "AtomMem/SyntheticToy-v0"
     """the env id (rollouts on its train split, evaluation on its eval split)"""
     data_path: str | None = None
     """dataset file for the HotpotQA / 2Wiki / MuSiQue ids"""
@@ -178,17 +178,18 @@ def token_logprobs(model, samples: list[StepSample], pad_id: int, temperature: f
         ids = s.prompt_ids + s.completion_ids
         input_ids[row, :len(ids)] = torch.tensor(ids)
         attention[row, :len(ids)] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float() / temperature
+    first_target = min(len(s.prompt_ids) for s in samples)
+    logits = completion_logits(model, input_ids.to(device), attention.to(device), first_target) / temperature
     logprobs = torch.zeros((len(samples), longest), device=device)
     entropy = torch.zeros((len(samples), longest), device=device)
     mask = torch.zeros((len(samples), longest), device=device)
     for row, s in enumerate(samples):
         start, length = len(s.prompt_ids), len(s.completion_ids)
-        step_logits = logits[row, start - 1:start - 1 + length]  # position t predicts token t + 1
+        step_logits = logits[row, start - first_target:start - first_target + length]
         dist = torch.log_softmax(step_logits, dim=-1)
         target = torch.tensor(s.completion_ids, device=device)
         logprobs[row, :length] = dist.gather(-1, target[:, None]).squeeze(-1)
-        entropy[row, :length] = -(dist.exp() * dist).sum(-1)
+        entropy[row, :length] = -(dist.exp() * dist).sum(-1).detach()  # a metric, not part of the loss
         mask[row, :length] = 1
     return logprobs, entropy, mask
 
@@ -211,6 +212,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, a
         loss = (per_token * w).sum() / w.sum().clamp(min=1e-8)
     else:  # dr_grpo: a constant denominator, so long and short completions are not re-weighted
         loss = (per_token * w).sum() / (weights.sum() * max_completion)
+    ratio, kl = ratio.detach(), kl.detach()
     stats = {
         "clipfrac": float((((ratio < 1 - args.epsilon) | (ratio > 1 + high)).float() * mask).sum() / mask.sum()),
         "approx_kl": float((((ratio - 1) - torch.log(ratio)) * mask).sum() / mask.sum()),

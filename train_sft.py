@@ -24,8 +24,8 @@ from torch.utils.tensorboard import SummaryWriter
 import atommem_env
 from agents import build_messages, make_generator, make_policy, unbatch
 from agents.backends import chat_prompt_ids, truncate_middle
-from agents.training import (base_model_of, check_env_args, env_kwargs_for, evaluate_and_log, hparams_table,
-                             load_trainer_state, peak_memory_mb, save_checkpoint, setup_model)
+from agents.training import (base_model_of, check_env_args, completion_logits, env_kwargs_for, evaluate_and_log,
+                             hparams_table, load_trainer_state, peak_memory_mb, save_checkpoint, setup_model)
 from atommem_env.wrappers import TaskSchedule
 
 
@@ -35,7 +35,7 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    env_id: str = "AtomMem/SyntheticEasy-v0"
+    env_id: str = "AtomMem/SyntheticToy-v0"
     """the env id (teacher rollouts use its train split, evaluation its eval split)"""
     data_path: str | None = None
     """dataset file for the HotpotQA / 2Wiki / MuSiQue ids"""
@@ -179,7 +179,8 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, len(prompt):len(ids)] = torch.tensor(completion)
         attention[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+            "first_target": min(len(prompt) for prompt, _ in batch)}
 
 
 if __name__ == "__main__":
@@ -257,9 +258,8 @@ if __name__ == "__main__":
             if micro <= skip_micro:
                 continue
             with accelerator.accumulate(model):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                logits = out.logits[:, :-1].float()
-                labels = batch["labels"][:, 1:]
+                logits = completion_logits(model, batch["input_ids"], batch["attention_mask"], batch["first_target"])
+                labels = batch["labels"][:, batch["first_target"]:]
                 mask = labels != -100
                 loss = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
                 accelerator.backward(loss)

@@ -19,6 +19,18 @@ from .models import BASE_MODEL_FILE, load_causal_lm
 TRAINER_STATE = "trainer_state.pt"
 
 
+def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_target: int) -> torch.Tensor:
+    """Float32 logits at positions first_target-1 .. width-2: those predicting tokens first_target .. width-1.
+
+    Only these positions go through the LM head (`logits_to_keep`): over whole prompts the logits
+    of a 150k-token vocabulary take gigabytes per sample. Slicing from the end stays right for a
+    model whose forward ignores the argument.
+    """
+    keep = input_ids.shape[1] - first_target + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    return logits[:, -keep:-1].float()
+
+
 def check_env_args(env_id: str, data_path: str | None) -> None:
     """Exits with a clear message for an unknown id or a dataset id without an existing data file."""
     import atommem_env
@@ -49,7 +61,9 @@ def setup_model(model: str, gguf_file: str | None, resume: str | None, lora_r: i
             except ValueError as err:
                 raise ValueError(f"LoRA set-up failed (check --lora-target-modules): {err}") from err
     if gradient_checkpointing:
-        net.gradient_checkpointing_enable()
+        # transformers 5 renamed it and deprecated the old name; >=4.46 (our floor) only has the old one.
+        enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
+        enable()
         if hasattr(net, "enable_input_require_grads"):
             net.enable_input_require_grads()  # LoRA: frozen embeddings would cut the graph
     net.train()

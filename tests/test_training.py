@@ -11,6 +11,7 @@ from conftest import REPO
 
 import train_grpo
 from agents import HFGenerator, build_messages
+from agents.training import completion_logits
 from train_grpo import StepSample, group_advantages, grpo_loss, token_logprobs
 
 
@@ -56,7 +57,8 @@ def test_sft_smoke_writes_a_checkpoint_that_eval_loads(sft_checkpoint, tmp_path)
 
 def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     _, traj = sft_checkpoint
-    flags = [*SFT_TINY, "--trajectories", str(traj), "--lora-r", "4", "--eval-episodes", "0"]
+    flags = [*SFT_TINY, "--trajectories", str(traj), "--lora-r", "4", "--eval-episodes", "0",
+             "--gradient-checkpointing"]
     result = _run("train_sft.py", *flags, "--save-dir", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr[-3000:]
     run, summary = _summary(tmp_path / "a")
@@ -182,6 +184,52 @@ def test_rollout_logprobs_match_the_training_forward_pass():
         n = len(s.completion_ids)
         assert torch.allclose(logprobs[row, :n], torch.tensor(s.old_logprobs), atol=1e-4)
         assert mask[row].sum() == n
+
+
+def test_grpo_updates_move_probability_towards_the_rewarded_completion():
+    """A two-armed bandit on one prompt: the completion with advantage +1 gains log-probability, -1 loses it."""
+    generator = HFGenerator.from_pretrained("tiny", device="cpu")
+    model, tokenizer = generator.model, generator.tokenizer
+    prompt = tokenizer("<create>a fact</create>")["input_ids"]
+    good, bad = tokenizer(" yes")["input_ids"], tokenizer(" no")["input_ids"]
+
+    def token_logprobs_of(completion):
+        sample = StepSample(prompt, completion, [0.0] * len(completion), episode=0)
+        with torch.no_grad():
+            return token_logprobs(model, [sample], tokenizer.pad_token_id, 1.0, "cpu")[0][0, :len(completion)]
+
+    before_good, before_bad = token_logprobs_of(good).sum(), token_logprobs_of(bad).sum()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(5):
+        # old log-probs from the current policy: ratio 1, as right after a rollout
+        batch = [StepSample(prompt, completion, token_logprobs_of(completion).tolist(), episode=0)
+                 for completion in (good, bad)]
+        logprobs, _, mask = token_logprobs(model, batch, tokenizer.pad_token_id, 1.0, "cpu")
+        old = torch.zeros_like(logprobs)
+        for row, sample in enumerate(batch):
+            old[row, :len(sample.old_logprobs)] = torch.tensor(sample.old_logprobs)
+        loss, _ = grpo_loss(logprobs, old, None, torch.tensor([1.0, -1.0]), torch.ones(2), mask, _args(), 4)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert token_logprobs_of(good).sum() > before_good + 0.5 and token_logprobs_of(bad).sum() < before_bad - 0.5
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_completion_logits_equal_the_full_forward_pass_from_the_first_target(lora):
+    from peft import LoraConfig, get_peft_model
+
+    model = HFGenerator.from_pretrained("tiny", device="cpu").model
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 500, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0  # right padding
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits.float()
+        trimmed = completion_logits(model, ids, mask, first_target=12)
+    assert trimmed.shape == (3, 8, full.shape[-1])
+    assert torch.allclose(trimmed, full[:, 11:19], atol=1e-5)
 
 
 def test_task_schedule_slots_put_groups_on_one_task():
