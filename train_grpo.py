@@ -3,6 +3,7 @@
 
     python train_grpo.py --model runs/<sft run>/checkpoint        # from an SFT checkpoint (CPU default: tiny)
     python train_grpo.py --model Qwen/Qwen3-8B --lora-r 64 --loss-type dapo --beta 0.001 ...
+    accelerate launch --num_processes 8 train_grpo.py ...        # whole groups per process, gathered
 
 Each chunk step of an episode is its own (prompt, completion) sample with a fresh prompt; the
 episode's group-relative advantage goes to every policy token of every step. The loss follows
@@ -12,6 +13,8 @@ TRL's definitions (docs/train_grpo.md has the equations).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import datetime
 import json
 import random
 import time
@@ -22,7 +25,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 import tyro
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.tensorboard import SummaryWriter
 
 import atommem_env
@@ -94,7 +98,7 @@ class Args:
     update_epochs: int = 1
     """optimisation passes over each rollout batch"""
     minibatch_size: int = 32
-    """samples (steps) per optimizer step"""
+    """samples (steps) per optimizer step, over all processes"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     gradient_checkpointing: bool = False
@@ -194,8 +198,22 @@ def token_logprobs(model, samples: list[StepSample], pad_id: int, temperature: f
     return logprobs, entropy, mask
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, args: Args, max_completion: int):
-    """TRL's GRPO objective with per-sample weights. Shapes: (batch, tokens) except advantages, weights (batch,)."""
+def loss_denominator(weights, lengths, loss_type: str, max_completion: int):
+    """What the summed loss of a minibatch is divided by; `lengths` are completion tokens per sample."""
+    if loss_type == "grpo":
+        return weights.sum()
+    if loss_type == "dapo":
+        return (weights * lengths).sum().clamp(min=1e-8)
+    return weights.sum() * max_completion  # dr_grpo: a constant, so long and short completions are not re-weighted
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, args: Args, max_completion: int,
+              denominator=None):
+    """TRL's GRPO objective with per-sample weights. Shapes: (batch, tokens) except advantages, weights (batch,).
+
+    `denominator` defaults to this batch's own; a process holding part of a minibatch passes the whole
+    minibatch's, divided by the number of processes (their gradients are averaged).
+    """
     ratio = torch.exp(logprobs - old_logprobs)
     high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + high)
@@ -204,14 +222,14 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, a
     if ref_logprobs is not None:
         kl = torch.exp(ref_logprobs - logprobs) - (ref_logprobs - logprobs) - 1
         per_token = per_token + args.beta * kl
-    w = weights[:, None] * mask
     if args.loss_type == "grpo":
         per_sample = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        loss = (per_sample * weights).sum() / weights.sum()
-    elif args.loss_type == "dapo":
-        loss = (per_token * w).sum() / w.sum().clamp(min=1e-8)
-    else:  # dr_grpo: a constant denominator, so long and short completions are not re-weighted
-        loss = (per_token * w).sum() / (weights.sum() * max_completion)
+        numerator = (per_sample * weights).sum()
+    else:
+        numerator = (per_token * weights[:, None] * mask).sum()
+    if denominator is None:
+        denominator = loss_denominator(weights, mask.sum(-1), args.loss_type, max_completion)
+    loss = numerator / denominator
     ratio, kl = ratio.detach(), kl.detach()
     stats = {
         "clipfrac": float((((ratio < 1 - args.epsilon) | (ratio > 1 + high)).float() * mask).sum() / mask.sum()),
@@ -240,12 +258,18 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     bf16 = args.bf16 if args.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=args.device == "cpu")
-    if accelerator.num_processes > 1:
-        raise SystemExit("error: train_grpo.py runs in a single process for now (rollouts are not yet split across "
-                         "processes); launch it without several processes")
-    writer = SummaryWriter(f"{args.save_dir}/{run_name}")
-    writer.add_text("hyperparameters", hparams_table(args))
+    # The other processes wait for the main one's held-out evaluation: allow it hours, not minutes.
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=args.device == "cpu",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.tasks_per_iteration % world:
+        raise SystemExit(f"error: --tasks-per-iteration ({args.tasks_per_iteration}) must be a multiple of the "
+                         f"number of processes ({world}): each process runs whole groups")
+    local_envs = num_envs // world
+    run_name = broadcast_object_list([run_name])[0]
+    writer = SummaryWriter(f"{args.save_dir}/{run_name}") if accelerator.is_main_process else None
+    if writer:
+        writer.add_text("hyperparameters", hparams_table(args))
 
     try:
         model, tokenizer = setup_model(args.model, args.gguf_file, args.resume, args.lora_r, args.lora_alpha,
@@ -259,6 +283,8 @@ if __name__ == "__main__":
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if world > 1:  # every process starts from the same weights, but samples its own completions
+        torch.manual_seed(args.seed + rank)
     state = load_trainer_state(args.resume)
     start_iteration = 0
     if state is not None and "iteration" in state:
@@ -268,31 +294,40 @@ if __name__ == "__main__":
     protocol = atommem_env.ENV_IDS[args.env_id].get("protocol", "atommem")
     kwargs = env_kwargs_for(args, "train", args.context_tokens)
     envs = gym.vector.SyncVectorEnv([lambda i=i: TaskSchedule(gym.make(args.env_id, **kwargs), slot=i)
-                                     for i in range(num_envs)])
+                                     for i in range(local_envs)])
     generator = HFGenerator(accelerator.unwrap_model(model), tokenizer, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, max_prompt_tokens=args.max_seq_len)
     task_rng = np.random.default_rng(args.seed)
     for _ in range(start_iteration):  # resuming: the same task stream as an uninterrupted run
         task_rng.integers(2**31, size=args.tasks_per_iteration)
+    shuffle_rng = np.random.RandomState(args.seed)  # the same minibatches in every process
     device = accelerator.device
     history = []
 
     def maybe_evaluate(iteration: int, force: bool = False):
         if args.eval_episodes and (force or (args.eval_every and iteration % args.eval_every == 0)):
-            results = evaluate_and_log(accelerator.unwrap_model(model), tokenizer, args, iteration, writer)
-            history.append({"iteration": iteration, **{str(k): {"em": v["em"], "valid_op_rate": v["valid_op_rate"],
-                                                               "ops": v["ops_per_episode"]}
-                                                       for k, v in results.items()}})
+            if accelerator.is_main_process:
+                results = evaluate_and_log(accelerator.unwrap_model(model), tokenizer, args, iteration, writer)
+                history.append({"iteration": iteration,
+                                **{str(k): {"em": v["em"], "valid_op_rate": v["valid_op_rate"],
+                                            "ops": v["ops_per_episode"]} for k, v in results.items()}})
+            accelerator.wait_for_everyone()
 
     maybe_evaluate(start_iteration, force=True)
     start_time = time.time()
     for iteration in range(start_iteration + 1, args.num_iterations + 1):
         # 1. Rollout: G episodes per task, sampled with temperature; keep token ids and log-probs.
+        #    Each process runs whole groups; then every process holds all episodes and samples.
         rollout_start = time.time()
         tasks = task_rng.integers(2**31, size=args.tasks_per_iteration)
+        first_env = rank * local_envs
         model.eval()
-        samples, episodes = rollout(envs, generator, [int(t) for t in np.repeat(tasks, args.group_size)],
-                                    seed=args.seed * 100_003 + iteration, protocol=protocol)
+        samples, episodes = rollout(envs, generator,
+                                    [int(t) for t in np.repeat(tasks, args.group_size)[first_env:first_env + local_envs]],
+                                    seed=args.seed * 100_003 + iteration + first_env, protocol=protocol)
+        for s in samples:
+            s.episode += first_env
+        samples, episodes = gather_object(samples), gather_object(episodes)
         rollout_time = time.time() - rollout_start
         # 2. Advantages: one per episode, relative to its group, given to every step of the episode.
         rewards = np.array([e[args.reward] - args.format_penalty * e["invalid_ops"] for e in episodes])
@@ -304,15 +339,21 @@ if __name__ == "__main__":
         response_lengths = [len(s.completion_ids) for s in samples]  # all steps, before any are dropped
         # Samples with no policy token (cannot happen with eos kept) or zero advantage carry no gradient.
         samples = [s for s in samples if s.completion_ids and (s.advantage != 0 or args.beta > 0)]
-        # 3. Update.
+        # 3. Update. Each process takes every world-th sample of a minibatch (gradients are averaged);
+        #    one left without any runs a zero-weight sample, so every process steps together.
         model.train()
         update_start = time.time()
         stats = {"loss": [], "clipfrac": [], "approx_kl": [], "kl": [], "entropy": []}
         train_tokens = 0
         for _ in range(args.update_epochs):
-            order = np.random.permutation(len(samples))
+            order = shuffle_rng.permutation(len(samples))
             for begin in range(0, len(samples), args.minibatch_size):
-                batch = [samples[i] for i in order[begin:begin + args.minibatch_size]]
+                minibatch = [samples[i] for i in order[begin:begin + args.minibatch_size]]
+                denominator = loss_denominator(torch.tensor([s.weight for s in minibatch], device=device),
+                                               torch.tensor([len(s.completion_ids) for s in minibatch], device=device),
+                                               args.loss_type, args.max_new_tokens) / world
+                own = minibatch[rank::world]
+                batch = own or [dataclasses.replace(minibatch[0], weight=0.0)]
                 logprobs, entropy, mask = token_logprobs(model, batch, tokenizer.pad_token_id, args.temperature, device)
                 old = torch.zeros_like(logprobs)
                 for row, s in enumerate(batch):
@@ -327,49 +368,56 @@ if __name__ == "__main__":
                             ref = token_logprobs(reference, batch, tokenizer.pad_token_id, args.temperature, device)[0]
                 loss, loss_stats = grpo_loss(
                     logprobs, old, ref, torch.tensor([s.advantage for s in batch], device=device),
-                    torch.tensor([s.weight for s in batch], device=device), mask, args, args.max_new_tokens)
+                    torch.tensor([s.weight for s in batch], device=device), mask, args, args.max_new_tokens,
+                    denominator)
                 optimizer.zero_grad()
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                stats["loss"].append(loss.item())
-                stats["entropy"].append(float((entropy * mask).sum() / mask.sum()))
-                for key, value in loss_stats.items():
-                    stats[key].append(value)
-                train_tokens += int(mask.sum())
+                if own:
+                    stats["loss"].append(loss.item())
+                    stats["entropy"].append(float((entropy * mask).sum() / mask.sum()))
+                    for key, value in loss_stats.items():
+                        stats[key].append(value)
+                train_tokens += sum(len(s.completion_ids) for s in minibatch)
         update_time = time.time() - update_start
 
-        # 4. Log: rewards, op frequencies, loss terms, throughput.
-        ems = np.array([e["em"] for e in episodes])
-        total_ops = sum(sum(e["ops"].values()) + e["invalid_ops"] for e in episodes)
-        writer.add_scalar("rollout/reward_mean", rewards.mean(), iteration)
-        writer.add_scalar("rollout/reward_std", rewards.std(), iteration)
-        writer.add_scalar("rollout/em", ems.mean(), iteration)
-        writer.add_scalar("rollout/f1", np.mean([e["f1"] for e in episodes]), iteration)
-        writer.add_scalar("rollout/zero_std_group_fraction", zero_std, iteration)
-        writer.add_scalar("rollout/invalid_op_rate", sum(e["invalid_ops"] for e in episodes) / max(1, total_ops),
-                          iteration)
-        for op in OP_KEYS + ("answer",):
-            writer.add_scalar(f"rollout/ops_{op}_per_episode", np.mean([e["ops"][op] for e in episodes]), iteration)
-        writer.add_scalar("rollout/response_length", float(np.mean(response_lengths)), iteration)
-        for key, values in stats.items():
-            if values:
-                writer.add_scalar(f"losses/{'policy_loss' if key == 'loss' else key}", float(np.mean(values)), iteration)
-        writer.add_scalar("charts/episodes_per_second", num_envs / rollout_time, iteration)
-        writer.add_scalar("charts/rollout_tokens_per_second", sum(response_lengths) / rollout_time, iteration)
-        writer.add_scalar("charts/train_tokens_per_second", train_tokens / max(update_time, 1e-9), iteration)
-        writer.add_scalar("charts/peak_memory_mb", peak_memory_mb(), iteration)
-        print(f"iter={iteration} reward={rewards.mean():.3f} em={ems.mean():.3f} zero_std={zero_std:.2f} "
-              f"samples={len(samples)} loss={np.mean(stats['loss'] or [0]):.4f} "
-              f"clipfrac={np.mean(stats['clipfrac'] or [0]):.3f} rollout={rollout_time:.1f}s update={update_time:.1f}s")
+        # 4. Log: rewards, op frequencies, loss terms, throughput (the main process).
+        if writer:
+            ems = np.array([e["em"] for e in episodes])
+            total_ops = sum(sum(e["ops"].values()) + e["invalid_ops"] for e in episodes)
+            writer.add_scalar("rollout/reward_mean", rewards.mean(), iteration)
+            writer.add_scalar("rollout/reward_std", rewards.std(), iteration)
+            writer.add_scalar("rollout/em", ems.mean(), iteration)
+            writer.add_scalar("rollout/f1", np.mean([e["f1"] for e in episodes]), iteration)
+            writer.add_scalar("rollout/zero_std_group_fraction", zero_std, iteration)
+            writer.add_scalar("rollout/invalid_op_rate", sum(e["invalid_ops"] for e in episodes) / max(1, total_ops),
+                              iteration)
+            for op in OP_KEYS + ("answer",):
+                writer.add_scalar(f"rollout/ops_{op}_per_episode", np.mean([e["ops"][op] for e in episodes]), iteration)
+            writer.add_scalar("rollout/response_length", float(np.mean(response_lengths)), iteration)
+            for key, values in stats.items():
+                if values:
+                    writer.add_scalar(f"losses/{'policy_loss' if key == 'loss' else key}", float(np.mean(values)), iteration)
+            writer.add_scalar("charts/episodes_per_second", num_envs / rollout_time, iteration)
+            writer.add_scalar("charts/rollout_tokens_per_second", sum(response_lengths) / rollout_time, iteration)
+            writer.add_scalar("charts/train_tokens_per_second", train_tokens / max(update_time, 1e-9), iteration)
+            writer.add_scalar("charts/peak_memory_mb", peak_memory_mb(), iteration)
+            print(f"iter={iteration} reward={rewards.mean():.3f} em={ems.mean():.3f} zero_std={zero_std:.2f} "
+                  f"samples={len(samples)} loss={np.mean(stats['loss'] or [0]):.4f} "
+                  f"clipfrac={np.mean(stats['clipfrac'] or [0]):.3f} rollout={rollout_time:.1f}s update={update_time:.1f}s")
         maybe_evaluate(iteration, force=iteration == args.num_iterations)
-        if args.save_every and iteration % args.save_every == 0 or iteration == args.num_iterations:
+        saving = args.save_every and iteration % args.save_every == 0 or iteration == args.num_iterations
+        if saving and accelerator.is_main_process:
             save_checkpoint(Path(args.save_dir) / run_name / "checkpoint", accelerator.unwrap_model(model), tokenizer,
                             args, base_model, base_gguf, {"optimizer": optimizer.state_dict(), "iteration": iteration})
 
     envs.close()
-    summary = {"run_name": run_name, "checkpoint": str(Path(args.save_dir) / run_name / "checkpoint"),
-               "seconds": time.time() - start_time, "peak_memory_mb": peak_memory_mb(), "eval_history": history}
-    (Path(args.save_dir) / run_name / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
-    writer.close()
+    accelerator.wait_for_everyone()
+    if writer:
+        summary = {"run_name": run_name, "checkpoint": str(Path(args.save_dir) / run_name / "checkpoint"),
+                   "seconds": time.time() - start_time, "peak_memory_mb": peak_memory_mb(), "eval_history": history,
+                   "num_processes": world}
+        (Path(args.save_dir) / run_name / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1))
+        writer.close()

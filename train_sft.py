@@ -245,7 +245,8 @@ if __name__ == "__main__":
         writer.add_text("hyperparameters", hparams_table(args))
         for key, value in teacher_stats.items():
             writer.add_scalar(f"charts/{key}", value, 0)
-    print(f"{run_name}: {len(encoded)} samples ({args.num_cut_completions} completions cut), {args.num_steps} steps, "
+    print(f"{run_name}: {len(encoded)} samples ({args.num_cut_completions} completions cut), "
+          f"{args.num_epochs * len(loader)} batches per process ({accelerator.num_processes} processes), "
           f"teacher {teacher_stats}")
 
     start_time = time.time()

@@ -12,7 +12,7 @@ from conftest import REPO
 import train_grpo
 from agents import HFGenerator, build_messages
 from agents.training import completion_logits
-from train_grpo import StepSample, group_advantages, grpo_loss, token_logprobs
+from train_grpo import StepSample, group_advantages, grpo_loss, loss_denominator, token_logprobs
 
 
 def _run(script, *flags, timeout=600):
@@ -118,6 +118,37 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
     assert "iter=3 " in resumed.stdout and "iter=1 " not in resumed.stdout
 
 
+def _torchrun(script, *flags):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, "--device", "cpu", *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
+    sft = _torchrun("train_sft.py", *SFT_TINY, "--save-dir", str(tmp_path / "sft"))
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert "2 batches per process (2 processes)" in sft.stdout  # 16 samples, batches of 4, split in two
+    run, summary = _summary(tmp_path / "sft")
+    assert (run / "checkpoint" / "model.safetensors").is_file() and "300" in summary["eval"]
+    checkpoint, _ = sft_checkpoint
+    # Minibatches of one sample: the second process always runs the zero-weight stand-in.
+    flags = ["--model", str(checkpoint), "--context-tokens", "300", "--num-iterations", "2", "--tasks-per-iteration",
+             "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-episodes", "2", "--num-envs", "2",
+             "--eval-max-new-tokens", "8", "--beta", "0.01", "--minibatch-size", "1"]
+    grpo = _torchrun("train_grpo.py", *flags, "--save-dir", str(tmp_path / "grpo"))
+    assert grpo.returncode == 0, grpo.stderr[-3000:]
+    run, summary = _summary(tmp_path / "grpo")  # one run directory for both processes
+    assert summary["num_processes"] == 2 and [h["iteration"] for h in summary["eval_history"]] == [0, 2]
+    assert (run / "checkpoint" / "trainer_state.pt").is_file()
+    assert grpo.stdout.count("iter=2 ") == 1  # only the main process logs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(run))
+    logs.Reload()
+    assert [e.value for e in logs.Scalars("charts/episodes_per_second")] and len(logs.Scalars("losses/kl")) == 2
+    odd = _torchrun("train_grpo.py", "--tasks-per-iteration", "3", "--save-dir", str(tmp_path / "odd"))
+    assert odd.returncode != 0 and "must be a multiple of the number of processes (2)" in odd.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--loss-type", "ppo"], "--loss-type"), (["--group-size", "1"], "at least 2"),
     (["--reward", "bleu"], "--reward"), (["--temperature", "0"], "--temperature"),
@@ -155,6 +186,27 @@ def test_grpo_loss_types_match_hand_computation():
     assert dr.item() == pytest.approx((-1 - 1 + 2) / (2 * 4))
     weighted, _ = grpo_loss(logprobs, logprobs, None, adv, torch.tensor([3.0, 1.0]), mask, _args(), 4)
     assert weighted.item() == pytest.approx((3 * -1 + 1 * 2) / 4)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_grpo_loss_split_across_processes_averages_to_the_whole_minibatch(loss_type):
+    """Each process's loss over its share, with the minibatch's denominator / world, averages to the full loss."""
+    torch.manual_seed(0)
+    logprobs = torch.randn(5, 4, requires_grad=True)
+    old, ref = logprobs.detach() + 0.1 * torch.randn(5, 4), logprobs.detach() + 0.1 * torch.randn(5, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float)
+    adv, w = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.0]), torch.tensor([0.5, 1.0, 0.25, 1.0, 0.5])
+    args = _args(loss_type=loss_type, beta=0.05)
+    full, _ = grpo_loss(logprobs, old, ref, adv, w, mask, args, 4)
+    (full_grad,) = torch.autograd.grad(full, logprobs)
+    world = 2
+    denominator = loss_denominator(w, mask.sum(-1), loss_type, 4) / world
+    parts = [grpo_loss(logprobs[r::world], old[r::world], ref[r::world], adv[r::world], w[r::world], mask[r::world],
+                       args, 4, denominator)[0] for r in range(world)]
+    averaged = sum(parts) / world  # what DDP's gradient averaging computes
+    assert averaged.item() == pytest.approx(full.item(), rel=1e-6)
+    (split_grad,) = torch.autograd.grad(averaged, logprobs)
+    assert torch.allclose(split_grad, full_grad, atol=1e-7)
 
 
 def test_grpo_loss_clips_and_kl():
