@@ -198,6 +198,14 @@ def token_logprobs(model, samples: list[StepSample], pad_id: int, temperature: f
     return logprobs, entropy, mask
 
 
+def padded_old_logprobs(samples: list[StepSample], like: torch.Tensor) -> torch.Tensor:
+    """The rollout log-probs laid out like `token_logprobs`' output (zeros past each completion)."""
+    old = torch.zeros_like(like)
+    for row, s in enumerate(samples):
+        old[row, :len(s.old_logprobs)] = torch.tensor(s.old_logprobs, device=like.device)
+    return old
+
+
 def loss_denominator(weights, lengths, loss_type: str, max_completion: int):
     """What the summed loss of a minibatch is divided by; `lengths` are completion tokens per sample."""
     if loss_type == "grpo":
@@ -266,6 +274,7 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --tasks-per-iteration ({args.tasks_per_iteration}) must be a multiple of the "
                          f"number of processes ({world}): each process runs whole groups")
     local_envs = num_envs // world
+    first_env = rank * local_envs  # this process's envs are episodes first_env .. first_env + local_envs - 1
     run_name = broadcast_object_list([run_name])[0]
     writer = SummaryWriter(f"{args.save_dir}/{run_name}") if accelerator.is_main_process else None
     if writer:
@@ -320,7 +329,6 @@ if __name__ == "__main__":
         #    Each process runs whole groups; then every process holds all episodes and samples.
         rollout_start = time.time()
         tasks = task_rng.integers(2**31, size=args.tasks_per_iteration)
-        first_env = rank * local_envs
         model.eval()
         samples, episodes = rollout(envs, generator,
                                     [int(t) for t in np.repeat(tasks, args.group_size)[first_env:first_env + local_envs]],
@@ -355,9 +363,7 @@ if __name__ == "__main__":
                 own = minibatch[rank::world]
                 batch = own or [dataclasses.replace(minibatch[0], weight=0.0)]
                 logprobs, entropy, mask = token_logprobs(model, batch, tokenizer.pad_token_id, args.temperature, device)
-                old = torch.zeros_like(logprobs)
-                for row, s in enumerate(batch):
-                    old[row, :len(s.old_logprobs)] = torch.tensor(s.old_logprobs, device=device)
+                old = padded_old_logprobs(batch, logprobs)
                 ref = None
                 if args.beta > 0:
                     with torch.no_grad():

@@ -61,7 +61,7 @@ def setup_model(model: str, gguf_file: str | None, resume: str | None, lora_r: i
             except ValueError as err:
                 raise ValueError(f"LoRA set-up failed (check --lora-target-modules): {err}") from err
     if gradient_checkpointing:
-        # transformers 5 renamed it and deprecated the old name; >=4.46 (our floor) only has the old one.
+        # transformers 5 renamed it and deprecated the old name; 4.49 (our floor) only has the old one.
         enable = getattr(net, "activation_checkpointing_enable", None) or net.gradient_checkpointing_enable
         enable()
         if hasattr(net, "enable_input_require_grads"):

@@ -12,7 +12,7 @@ from conftest import REPO
 import train_grpo
 from agents import HFGenerator, build_messages
 from agents.training import completion_logits
-from train_grpo import StepSample, group_advantages, grpo_loss, loss_denominator, token_logprobs
+from train_grpo import StepSample, group_advantages, grpo_loss, loss_denominator, padded_old_logprobs, token_logprobs
 
 
 def _run(script, *flags, timeout=600):
@@ -257,10 +257,7 @@ def test_grpo_updates_move_probability_towards_the_rewarded_completion():
         batch = [StepSample(prompt, completion, token_logprobs_of(completion).tolist(), episode=0)
                  for completion in (good, bad)]
         logprobs, _, mask = token_logprobs(model, batch, tokenizer.pad_token_id, 1.0, "cpu")
-        old = torch.zeros_like(logprobs)
-        for row, sample in enumerate(batch):
-            old[row, :len(sample.old_logprobs)] = torch.tensor(sample.old_logprobs)
-        loss, _ = grpo_loss(logprobs, old, None, torch.tensor([1.0, -1.0]), torch.ones(2), mask, _args(), 4)
+        loss, _ = grpo_loss(logprobs, padded_old_logprobs(batch, logprobs), None, torch.tensor([1.0, -1.0]), torch.ones(2), mask, _args(), 4)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
