@@ -12,7 +12,7 @@ Usable on its own::
 The index is `IndexIDMap2` over an inner-product flat index on normalised embeddings (cosine
 similarity). `precision="fp32"` is exact; `precision="fp16"` stores the vectors as half floats
 (`IndexScalarQuantizer`), which halves the memory scanned per Read: on one core of the 2-core
-development machine a Read over 100k entries takes ~9 ms in fp32 and ~6 ms in fp16, at a recall@6
+development machine a Read over 100k entries takes ~10 ms in fp32 and ~6-7 ms in fp16, at a recall@6
 of ~0.998 (`bench/bench_env.py`, docs/benchmarks.md). With
 faiss-gpu installed, `device="cuda"` (or "cuda:N") puts the index on a GPU.
 """
@@ -30,8 +30,8 @@ import numpy as np
 from .embedders import Embedder, get_embedder
 
 # faiss 1.15 on a flat index: one query is scanned fastest by its SIMD loop (the default
-# threshold), several by BLAS (a low threshold): at 100k entries, 1 query 8 ms vs 24 ms with BLAS,
-# 64 queries 75 ms with BLAS vs 560 ms without. `read_many` picks per call.
+# threshold), several by BLAS (a low threshold): at 100k entries, 1 query 11.5 ms vs 28.5 ms with
+# BLAS, 64 queries 80 ms with BLAS vs 819 ms without (bench/bench_faiss.py). `read_many` picks per call.
 _BLAS_THRESHOLD_SINGLE_QUERY = faiss.cvar.distance_compute_blas_threshold
 _BLAS_THRESHOLD_BATCH = 1
 

@@ -3,12 +3,14 @@
     python bench/plot_runs.py --runs runs/AtomMem_SyntheticToy-v0__grpo__1__* runs/AtomMem_SyntheticToy-v0__grpo__2__* \
         --tags rollout/reward_mean eval/em_400 rollout/ops_create_per_episode --out grpo.png
 
-Also prints each curve's first and last values, so the numbers quoted next to a figure come from it.
+Also prints each curve's first and last values, the means of its first and last `--window` points
+and its median, so the numbers quoted next to a figure come from it.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,8 @@ class Args:
     """where the figure goes"""
     labels: list[str] = field(default_factory=list)
     """legend label per run (default: the run directory's name)"""
+    window: int = 10
+    """points averaged at each end of a curve in the printed summary"""
 
 
 def read_scalars(run: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
@@ -43,6 +47,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.labels and len(args.labels) != len(args.runs):
         raise SystemExit("error: give one --labels entry per run")
+    if args.window < 1:
+        raise SystemExit("error: --window must be at least 1")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +67,10 @@ if __name__ == "__main__":
             steps, values = zip(*curves[tag])
             panel.plot(steps, values, marker="." if len(steps) < 12 else None, label=label)
             panel.set_title(tag)
+            w = min(args.window, len(values))
             print(f"{label}: {tag} {values[0]:.3f} (step {steps[0]}) -> {values[-1]:.3f} (step {steps[-1]}), "
-                  f"{len(values)} points")
+                  f"{len(values)} points; mean of first/last {w}: {statistics.fmean(values[:w]):.3f} -> "
+                  f"{statistics.fmean(values[-w:]):.3f}; median {statistics.median(values):.3f}")
     for panel in axes.flat[len(args.tags):]:
         panel.axis("off")
     axes.flat[0].legend(fontsize="small")

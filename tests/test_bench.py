@@ -1,9 +1,15 @@
+import importlib.util
+import json
 import subprocess
 import sys
 
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("answer_stats", REPO / "bench" / "answer_stats.py")
+answer_stats = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(answer_stats)
 
 
 def _plot(*flags):
@@ -25,6 +31,9 @@ def test_plot_runs_draws_each_tag_and_prints_first_and_last_values(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "a: rollout/reward_mean 0.100 (step 0) -> 0.400 (step 2), 3 points" in result.stdout
     assert "b: rollout/reward_mean 0.000 (step 0) -> 0.500 (step 1), 2 points" in result.stdout
+    # default window 10 covers the whole of these short curves
+    assert "a: rollout/reward_mean 0.100 (step 0) -> 0.400 (step 2), 3 points; mean of first/last 3: 0.233 -> 0.233; " \
+           "median 0.200" in result.stdout
     assert "a: no eval/em_400" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -34,4 +43,35 @@ def test_plot_runs_rejects_a_directory_without_events_and_mismatched_labels(tmp_
     assert result.returncode != 0 and "holds no TensorBoard event file" in result.stderr
     result = _plot("--runs", str(tmp_path), "--labels", "a", "b", "--out", str(tmp_path / "x.png"))
     assert result.returncode != 0 and "one --labels entry per run" in result.stderr
+    result = _plot("--runs", str(tmp_path), "--window", "0", "--out", str(tmp_path / "x.png"))
+    assert result.returncode != 0 and "--window must be at least 1" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def _report(path, records):
+    path.write_text(json.dumps({"args": {}, "results": {"llm": {"400": {"records": records}}}}))
+
+
+def test_answer_stats_counts_a_collapsed_answer_distribution(tmp_path):
+    def record(answer, gold):
+        return {"answer": [answer], "gold": [[gold]], "em": float(answer == gold)}
+
+    # answers collapse on "A"; gold is "A" twice, "B" three times, "C" once
+    records = [record("A", "A"), record("A", "A"), record("A", "B"), record("A", "B"), record("B", "B"),
+               record("D", "C")]
+    stats = answer_stats.answer_stats(records)
+    assert stats == {"em": 0.5, "distinct_answers": 3, "top_answer": "A", "top_given": 4, "top_is_gold": 2,
+                     "top_right": 2.0, "top3_share": 1.0, "gold_of_some_episode": 5 / 6, "constant_guess_em": 0.5}
+    report = tmp_path / "r.json"
+    _report(report, records)
+    result = subprocess.run([sys.executable, "bench/answer_stats.py", str(report)], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "6 episodes, EM 0.500, 3 distinct answers; most common 'A' given 4x" in result.stdout
+
+
+def test_answer_stats_rejects_a_file_that_is_not_a_report(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"policies": []}')
+    result = subprocess.run([sys.executable, "bench/answer_stats.py", str(bad), str(tmp_path / "missing.json")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "is not an eval.py JSON report" in result.stderr
