@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import atommem_env
 from agents import POLICIES, READER_POLICIES, make_generator, make_policy
-from agents.evaluation import evaluate_policy
+from agents.evaluation import evaluate_policy, make_env_kwargs, protocol_of
 
 
 @dataclass
@@ -43,8 +43,8 @@ class Args:
     """seed for envs and random policies"""
     chunk_tokens: int | None = None
     """chunk size (default: the env id's)"""
-    top_k: int = 6
-    """entries per Read"""
+    top_k: int | None = None
+    """entries per Read (default: the env id's)"""
     no_update: bool = False
     """ablation: disable Update"""
     no_delete: bool = False
@@ -65,8 +65,9 @@ class Args:
     """seconds before an endpoint request counts as failed"""
     max_new_tokens: int = 96
     """generation budget per step"""
-    max_prompt_tokens: int | None = 3072
-    """longer prompts keep their head and tail"""
+    max_prompt_tokens: int | None = None
+    """prompts over this lose the end of their chunk (default: the budget a train_sft/train_grpo checkpoint was
+    trained with, from its args.json; else 3072)"""
     device: str = "auto"
     """torch device for the local model"""
     dtype: str = "auto"
@@ -80,20 +81,32 @@ class Args:
 
 
 def env_kwargs(args: Args, context_tokens: int) -> dict:
-    kwargs = dict(split=args.split, context_tokens=context_tokens, top_k=args.top_k, embedder=args.embedder)
-    if args.data_path:
-        kwargs["data_path"] = args.data_path
-    if args.chunk_tokens:
-        kwargs["chunk_tokens"] = args.chunk_tokens
+    extra: dict = {}
+    if args.top_k is not None:
+        extra["top_k"] = args.top_k
     disabled = {op for op, off in (("update", args.no_update), ("delete", args.no_delete)) if off}
     if disabled:
-        kwargs["enabled_ops"] = tuple(op for op in atommem_env.env.ALL_OPS if op not in disabled)
+        extra["enabled_ops"] = tuple(op for op in atommem_env.env.ALL_OPS if op not in disabled)
     if args.no_scratchpad:
-        kwargs["use_scratchpad"] = False
+        extra["use_scratchpad"] = False
     if args.no_vector_store:
-        kwargs["use_vector_store"] = False
-    kwargs.update(args.env_kwargs)
-    return kwargs
+        extra["use_vector_store"] = False
+    extra.update(args.env_kwargs)
+    return make_env_kwargs(args.env_id, split=args.split, data_path=args.data_path, embedder=args.embedder,
+                           context_tokens=context_tokens, chunk_tokens=args.chunk_tokens, extra=extra)
+
+
+def prompt_budget(args: Args) -> int:
+    """--max-prompt-tokens, or the budget the checkpoint in --model / --adapter was trained with."""
+    if args.max_prompt_tokens is not None:
+        return args.max_prompt_tokens
+    for directory in (args.adapter, args.model):
+        trained = Path(directory or "") / "args.json"
+        if directory and trained.is_file():
+            budget = json.loads(trained.read_text()).get("max_prompt_tokens")
+            if budget:
+                return int(budget)
+    return 3072
 
 
 def markdown(results: dict, args: Args) -> str:
@@ -151,15 +164,20 @@ if __name__ == "__main__":
     except ValueError as err:
         raise SystemExit(f"error: {err}")
 
-    protocol = atommem_env.ENV_IDS[args.env_id].get("protocol", "atommem")
+    protocol = protocol_of(args.env_id)
     generator = None
     if any(p in READER_POLICIES or p == "llm" for p in args.policies):
         try:
             generator = make_generator(args.model, endpoint=args.endpoint, adapter=args.adapter, device=args.device,
                                        dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                                       max_prompt_tokens=args.max_prompt_tokens, timeout=args.request_timeout)
+                                       max_prompt_tokens=prompt_budget(args), timeout=args.request_timeout)
         except ValueError as err:
             raise SystemExit(f"error: {err}")
+    try:  # a workflow that cannot speak the id's protocol fails here, before any episode
+        for name in args.policies:
+            make_policy(name, generator=generator, protocol=protocol, seed=args.seed)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     results: dict = {}
     total = len(args.policies) * len(args.context_tokens) * args.num_episodes
     with tqdm(total=total, desc="episodes") as progress:

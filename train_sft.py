@@ -8,25 +8,25 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 import tyro
-from accelerate import Accelerator
 from torch.utils.tensorboard import SummaryWriter
 
-import atommem_env
-from agents import build_messages, make_generator, make_policy, unbatch
-from agents.backends import chat_prompt_ids, truncate_middle
-from agents.training import (base_model_of, check_env_args, completion_logits, env_kwargs_for, evaluate_and_log,
-                             hparams_table, load_trainer_state, peak_memory_mb, save_checkpoint, setup_model)
-from atommem_env.wrappers import TaskSchedule
+from agents import build_messages, make_generator, make_policy
+from agents.evaluation import episode_schedules, make_vector_env, protocol_of, run_episodes
+from agents.prompt import encode_prompt
+from agents.training import (CompletionScorer, base_model_of, check_env_args, evaluate_and_log, hparams_table,
+                             load_trainer_state, make_accelerator, pack, peak_memory_mb, save_checkpoint,
+                             setup_model, trainer_env_kwargs)
 
 
 @dataclass
@@ -39,10 +39,10 @@ class Args:
     """the env id (teacher rollouts use its train split, evaluation its eval split)"""
     data_path: str | None = None
     """dataset file for the HotpotQA / 2Wiki / MuSiQue ids"""
-    context_tokens: int = 400
-    """document length of training episodes"""
-    chunk_tokens: int = 256
-    """chunk size of training and evaluation episodes"""
+    context_tokens: int | None = None
+    """document length of training episodes (default: the env id's registered setting)"""
+    chunk_tokens: int | None = None
+    """chunk size of training and evaluation episodes (default: the env id's registered setting)"""
     embedder: str = "hashing"
     """memory embedder of the envs"""
     teacher: str = "oracle"
@@ -63,6 +63,8 @@ class Args:
     """model to train: a HF id or path, 'smollm2' or 'tiny'"""
     gguf_file: str | None = None
     """GGUF file inside --model, if it is one"""
+    dtype: str = "float32"
+    """weights as loaded: float32 (with --bf16, mixed precision) or bfloat16 (all bf16: half the memory of a large model)"""
     lora_r: int = 0
     """LoRA rank; 0 trains all weights"""
     lora_alpha: int = 32
@@ -83,10 +85,13 @@ class Args:
     """samples per micro-batch (per device)"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
-    max_seq_len: int = 1024
-    """prompt + completion tokens; longer prompts are cut in the middle"""
+    max_prompt_tokens: int = 1024
+    """prompts over this lose the end of their chunk, never the memory (agents.prompt.encode_prompt; the same
+    rule and budget in the in-run evaluation, and eval.py reads it from the checkpoint)"""
     max_completion_tokens: int = 128
     """longer teacher actions are cut (and counted)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
     gradient_checkpointing: bool = False
     """trade compute for memory"""
     bf16: bool | None = None
@@ -95,8 +100,8 @@ class Args:
     """optimizer steps between evaluations through the env (0: only at the end)"""
     eval_episodes: int = 32
     """held-out episodes per evaluation and context length"""
-    eval_context_tokens: tuple[int, ...] = (400, 800)
-    """context lengths to evaluate at"""
+    eval_context_tokens: tuple[int, ...] = ()
+    """context lengths to evaluate at (default: the training setting)"""
     eval_max_new_tokens: int = 96
     """generation budget per step during evaluation"""
     save_dir: str = "runs"
@@ -109,37 +114,21 @@ class Args:
 
 def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
     """Runs the teacher on train-split tasks 0..N-1; one sample per step of every kept episode."""
-    kwargs = env_kwargs_for(args, "train", args.context_tokens)
-    protocol = atommem_env.ENV_IDS[args.env_id].get("protocol", "atommem")
-    n = min(args.num_envs, args.num_train_episodes)
-    schedules = [list(range(i, args.num_train_episodes, n)) for i in range(n)]
-    envs = gym.vector.SyncVectorEnv([lambda s=s: TaskSchedule(gym.make(args.env_id, **kwargs), s) for s in schedules])
+    protocol = protocol_of(args.env_id)
     needs_model = args.teacher not in ("oracle", "random", "noop")
-    teacher = make_policy(args.teacher, protocol=protocol, seed=args.seed,
-                          generator=make_generator(args.teacher_model, device="cpu") if needs_model else None)
-    obs, _ = envs.reset(seed=args.seed)
-    running: list[list[dict]] = [[] for _ in range(n)]
-    remaining = [len(s) for s in schedules]
-    samples, ems = [], []
-    just_reset = np.zeros(n, dtype=bool)
-    while any(remaining):
-        observations = unbatch(obs, n)
-        outputs = teacher.act(observations, envs.get_attr("task"))
-        for i in range(n):
-            if remaining[i] and not just_reset[i]:
-                running[i].append({"messages": build_messages(observations[i], protocol), "completion": outputs[i].text})
-        obs, _, terminated, truncated, info = envs.step([o.text for o in outputs])
-        just_reset[:] = False
-        for i in np.flatnonzero(terminated | truncated):
-            just_reset[i] = True
-            if remaining[i]:
-                remaining[i] -= 1
-                ems.append(float(info["em"][i]))
-                if ems[-1] == 1.0 or not args.only_successful:
-                    samples += running[i]
-            running[i] = []
+    try:
+        teacher = make_policy(args.teacher, protocol=protocol, seed=args.seed,
+                              generator=make_generator(args.teacher_model, device="cpu") if needs_model else None)
+    except ValueError as err:
+        raise SystemExit(f"error: --teacher {args.teacher}: {err}")
+    schedules = episode_schedules(args.num_train_episodes, args.num_envs)
+    envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "train", args.context_tokens), len(schedules))
+    episodes = run_episodes(envs, teacher, schedules, seed=args.seed, keep_steps=True)
     envs.close()
-    return samples, {"teacher_em": float(np.mean(ems)), "teacher_episodes": len(ems)}
+    samples = [{"messages": output.messages or build_messages(observation, protocol), "completion": output.text}
+               for e in sorted(episodes, key=lambda e: e["task_index"]) if e["em"] == 1.0 or not args.only_successful
+               for observation, output in e["steps"]]
+    return samples, {"teacher_em": float(np.mean([e["em"] for e in episodes])), "teacher_episodes": len(episodes)}
 
 
 def read_trajectories(path: str) -> list[dict]:
@@ -160,27 +149,29 @@ def read_trajectories(path: str) -> list[dict]:
     return samples
 
 
-def tokenize(sample: dict, tokenizer, args: Args) -> tuple[list[int], list[int], bool]:
-    """(prompt ids, completion ids ending in eos, whether the completion was cut)."""
+def tokenize(sample: dict, tokenizer, args: Args) -> tuple[list[int], list[int], bool, int]:
+    """(prompt ids, completion ids ending in eos, whether the completion was cut, chunk tokens cut from the prompt)."""
     completion = tokenizer(sample["completion"], add_special_tokens=False)["input_ids"]
     cut = len(completion) > args.max_completion_tokens - 1
     completion = completion[:args.max_completion_tokens - 1] + [tokenizer.eos_token_id]
-    prompt = truncate_middle(chat_prompt_ids(tokenizer, sample["messages"]), args.max_seq_len - len(completion))
-    return prompt, completion, cut
+    prompt, prompt_cut = encode_prompt(tokenizer, sample["messages"], args.max_prompt_tokens)
+    return prompt, completion, cut, prompt_cut
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    width = max(len(p) + len(c) for p, c in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(batch):
-        ids = prompt + completion
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, len(prompt):len(ids)] = torch.tensor(completion)
-        attention[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "first_target": min(len(prompt) for prompt, _ in batch)}
+def optimizer_steps(loader, accumulation: int):
+    """An epoch's micro-batches in groups of one optimizer step each (the last group may be shorter)."""
+    batches = iter(loader)
+    while group := list(itertools.islice(batches, accumulation)):
+        yield group
+
+
+def sft_loss(scorer, batch: dict, step_tokens: int, num_processes: int):
+    """Summed -log-prob of the batch's completion tokens over the completion tokens of the whole optimizer step
+    (all micro-batches, all processes), times the processes whose gradients are averaged: every token of a
+    step weighs the same, as with TRL's num_items_in_batch. Returns (loss, correct predictions, tokens)."""
+    logprobs, _, correct = scorer(**batch)
+    mask = batch["target_mask"]
+    return -(logprobs * mask).sum() / step_tokens * num_processes, int(correct[mask].sum()), int(mask.sum())
 
 
 if __name__ == "__main__":
@@ -188,24 +179,22 @@ if __name__ == "__main__":
     check_env_args(args.env_id, args.data_path)
     if args.trajectories and not Path(args.trajectories).is_file():
         raise SystemExit(f"error: --trajectories {args.trajectories} does not exist")
-    if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_seq_len,
+    if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_prompt_tokens,
            args.num_train_episodes, args.max_completion_tokens) <= 0 or args.eval_episodes < 0:
         raise SystemExit("error: sizes and counts must be positive")
-    if args.max_completion_tokens >= args.max_seq_len:
-        raise SystemExit("error: --max-completion-tokens must be below --max-seq-len")
+    if args.dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {args.dtype!r}")
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    bf16 = args.bf16 if args.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision="bf16" if bf16 else "no", cpu=args.device == "cpu")
+    accelerator = make_accelerator(args.bf16, args.device)
     writer = SummaryWriter(f"{args.save_dir}/{run_name}") if accelerator.is_main_process else None
 
     try:
-        model, tokenizer = setup_model(args.model, args.gguf_file, args.resume, args.lora_r, args.lora_alpha,
-                                       args.lora_dropout, args.lora_target_modules, args.gradient_checkpointing,
-                                       device=str(accelerator.device), dtype="float32")
+        model, tokenizer, merged_adapters = setup_model(
+            args.model, args.gguf_file, args.resume, args.lora_r, args.lora_alpha, args.lora_dropout,
+            args.lora_target_modules, args.gradient_checkpointing, device=str(accelerator.device), dtype=args.dtype)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
 
@@ -222,85 +211,90 @@ if __name__ == "__main__":
 
     encoded = [tokenize(s, tokenizer, args) for s in samples]
     args.num_samples = len(encoded)
-    args.num_cut_completions = sum(cut for _, _, cut in encoded)
-    args.num_completion_tokens = sum(len(c) for _, c, _ in encoded)
-    loader = torch.utils.data.DataLoader([(p, c) for p, c, _ in encoded], batch_size=args.batch_size, shuffle=True,
-                                         collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
+    args.num_cut_completions = sum(cut for _, _, cut, _ in encoded)
+    args.num_cut_prompts = sum(prompt_cut > 0 for _, _, _, prompt_cut in encoded)
+    args.num_completion_tokens = sum(len(c) for _, c, _, _ in encoded)
+    loader = torch.utils.data.DataLoader([(p, c) for p, c, _, _ in encoded], batch_size=args.batch_size, shuffle=True,
+                                         collate_fn=lambda b: pack(*zip(*b), tokenizer.pad_token_id),
                                          generator=torch.Generator().manual_seed(args.seed))
-    args.num_steps = args.num_epochs * (len(loader) // args.gradient_accumulation_steps or 1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
+    scorer, optimizer, loader = accelerator.prepare(CompletionScorer(model), optimizer, loader)
+    steps_per_epoch = -(-len(loader) // args.gradient_accumulation_steps)
+    args.num_steps = args.num_epochs * steps_per_epoch
     warmup = max(1, int(args.warmup_ratio * args.num_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.num_steps - s) / max(1, args.num_steps - warmup))))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     state = load_trainer_state(args.resume)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-    base_model, base_gguf = base_model_of(args.resume, args.model, args.gguf_file)
+    base_model, base_gguf = base_model_of(args.resume or args.model, args.gguf_file)
     if writer:
         writer.add_text("hyperparameters", hparams_table(args))
         for key, value in teacher_stats.items():
             writer.add_scalar(f"charts/{key}", value, 0)
-    print(f"{run_name}: {len(encoded)} samples ({args.num_cut_completions} completions cut), "
-          f"{args.num_epochs * len(loader)} batches per process ({accelerator.num_processes} processes), "
+    print(f"{run_name}: {len(encoded)} samples ({args.num_cut_completions} completions and {args.num_cut_prompts} "
+          f"prompts cut), {args.num_epochs * len(loader)} batches per process ({accelerator.num_processes} processes), "
           f"teacher {teacher_stats}")
 
     start_time = time.time()
-    tokens_seen, micro = 0, 0
-    step_losses, step_correct, step_targets = [], 0, 0  # over all micro-batches of one optimizer step
-    skip_micro = step * args.gradient_accumulation_steps  # resuming: pass over the micro-batches already trained
+    tokens_seen, steps_done = 0, 0
     for epoch in range(args.num_epochs):
-        for batch in loader:
-            micro += 1
-            if micro <= skip_micro:
+        # An optimizer step takes gradient_accumulation_steps micro-batches (fewer at the end of an epoch).
+        for group in optimizer_steps(loader, args.gradient_accumulation_steps):
+            steps_done += 1
+            if steps_done <= step:  # resuming: pass over the steps already trained
                 continue
-            with accelerator.accumulate(model):
-                logits = completion_logits(model, batch["input_ids"], batch["attention_mask"], batch["first_target"])
-                labels = batch["labels"][:, batch["first_target"]:]
-                mask = labels != -100
-                loss = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            tokens_seen += int(batch["attention_mask"].sum())
-            step_losses.append(loss.item())
-            step_correct += int((logits[mask].argmax(-1) == labels[mask]).sum())
-            step_targets += int(mask.sum())
-            if not accelerator.sync_gradients:
-                continue
+            local_tokens = sum(int(batch["target_mask"].sum()) for batch in group)
+            step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+            losses, correct = [], 0
+            for number, batch in enumerate(group):
+                with nullcontext() if number == len(group) - 1 else accelerator.no_sync(scorer):
+                    loss, batch_correct, _ = sft_loss(scorer, batch, step_tokens, accelerator.num_processes)
+                    accelerator.backward(loss)
+                losses.append(loss.item())
+                correct += batch_correct
+                tokens_seen += int(batch["attention_mask"].sum())
+            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
             step += 1
-            step_loss, accuracy = float(np.mean(step_losses)), step_correct / max(1, step_targets)
-            step_losses, step_correct, step_targets = [], 0, 0
+            # This process's share of the step's mean token loss, scaled back to a mean over its own tokens.
+            step_loss = sum(losses) * step_tokens / accelerator.num_processes / max(1, local_tokens)
+            accuracy = correct / max(1, local_tokens)
             if writer:
                 writer.add_scalar("losses/loss", step_loss, step)
+                writer.add_scalar("losses/grad_norm", float(grad_norm), step)
                 writer.add_scalar("charts/token_accuracy", accuracy, step)
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("charts/tokens_per_second", tokens_seen / (time.time() - start_time), step)
                 writer.add_scalar("charts/peak_memory_mb", peak_memory_mb(), step)
                 writer.add_scalar("charts/epoch", epoch, step)
-            if step % 10 == 0:
+            if step % 10 == 0 and accelerator.is_main_process:
                 print(f"step={step} epoch={epoch} loss={step_loss:.4f} token_acc={accuracy:.3f} "
                       f"tokens/s={tokens_seen / (time.time() - start_time):.0f}")
-            if args.eval_every and step % args.eval_every == 0 and writer and args.eval_episodes:
-                evaluate_and_log(accelerator.unwrap_model(model), tokenizer, args, step, writer)
+            if args.eval_every and step % args.eval_every == 0 and args.eval_episodes:
+                with torch.no_grad():
+                    evaluate_and_log(model, tokenizer, args, step, writer, accelerator)
 
+    checkpoint = Path(args.save_dir) / run_name / "checkpoint"
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        checkpoint = Path(args.save_dir) / run_name / "checkpoint"
-        save_checkpoint(checkpoint, unwrapped, tokenizer, args, base_model, base_gguf,
-                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step})
+        save_checkpoint(checkpoint, model, tokenizer, args, base_model, base_gguf,
+                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+                        merged_adapters)
+    final = evaluate_and_log(model, tokenizer, args, step, writer, accelerator) if args.eval_episodes else {}
+    if accelerator.is_main_process:
         summary = {"run_name": run_name, "checkpoint": str(checkpoint), "steps": step,
                    "train_tokens_per_second": tokens_seen / (time.time() - start_time),
                    "peak_memory_mb": peak_memory_mb(), **teacher_stats}
-        if args.eval_episodes:
-            final = evaluate_and_log(unwrapped, tokenizer, args, step, writer)
-            summary["eval"] = {str(k): {m: v[m] for m in ("em", "f1", "valid_op_rate", "ops_per_episode")}
+        if final:
+            summary["eval"] = {k: {m: v[m] for m in ("em", "f1", "valid_op_rate", "prompt_cut_rate", "ops_per_episode")}
                                for k, v in final.items()}
         (Path(args.save_dir) / run_name / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
         writer.close()
+    accelerator.wait_for_everyone()

@@ -31,9 +31,7 @@ def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: i
     if name == "random":
         return RandomPolicy(seed)
     if name == "oracle":
-        if protocol != "atommem":
-            raise ValueError("the oracle writes the atommem protocol")
-        return OraclePolicy()
+        return OraclePolicy(protocol)
     if name in READER_POLICIES and protocol != "atommem":
         raise ValueError(f"the {name} workflow writes the atommem protocol")
     if name == "no-memory":

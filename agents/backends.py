@@ -7,6 +7,7 @@ of episodes goes on when one request fails; the caller decides what a failure me
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -15,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import torch
+
+from .prompt import encode_prompt
 
 
 @dataclass
@@ -25,26 +28,26 @@ class Generation:
     completion_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     """Log-probabilities of the sampled completion tokens under the sampling distribution (temperature applied)."""
+    prompt_tokens_cut: int = 0
+    """Chunk tokens `encode_prompt` cut to fit the prompt budget."""
 
 
-def truncate_middle(ids: list[int], max_tokens: int | None) -> list[int]:
-    """Cuts an over-long prompt in the middle: the head (system prompt, question) and the tail
-    (end of the chunk, generation prompt) matter most. Training and generation both use this."""
-    if max_tokens is None or len(ids) <= max_tokens:
-        return ids
-    head = max_tokens // 4
-    return ids[:head] + ids[len(ids) - (max_tokens - head):]
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class HFGenerator:
-    """Batched, left-padded generation with the tokenizer's chat template; keeps token ids and log-probs."""
+    """Batched, left-padded sampling with the tokenizer's chat template; keeps token ids and log-probs.
+
+    The decoding loop is written out rather than left to `generate`, which applies whatever the
+    model's generation_config carries (Qwen2.5-Instruct ships repetition_penalty=1.05, others
+    min_p or top_k): the log-probs kept for GRPO must be those of the distribution sampled from,
+    softmax(logits / temperature), and nothing else. It also keeps one (batch, vocab) row of
+    log-probs at a time, never (batch, new tokens, vocab). temperature=0 is greedy; top_p < 1
+    applies nucleus sampling (then the kept log-probs are of the untruncated distribution:
+    evaluation only, GRPO samples with top_p=1).
+    """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  max_prompt_tokens: int | None = None):
@@ -58,6 +61,9 @@ class HFGenerator:
         self.temperature = temperature
         self.top_p = top_p
         self.max_prompt_tokens = max_prompt_tokens
+        # transformers 5.2x renamed `past_key_values` to `cache`; our floor (4.49) knows only the old name.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, gguf_file=None, adapter=None, device="auto", dtype="auto", **kwargs):
@@ -66,43 +72,67 @@ class HFGenerator:
         model, tokenizer = load_causal_lm(name_or_path, gguf_file=gguf_file, adapter=adapter, device=device, dtype=dtype)
         return cls(model, tokenizer, **kwargs)
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        ids = chat_prompt_ids(self.tokenizer, messages)
-        return truncate_middle(list(ids), self.max_prompt_tokens)
+    def encode_prompt(self, messages: list[dict]) -> tuple[list[int], int]:
+        return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens)
+
+    def _next_tokens(self, logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sampled token per row, its log-prob under softmax(logits / temperature))."""
+        if self.temperature == 0:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            tokens = logprobs.argmax(-1)
+        else:
+            logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+            probs = logprobs.exp()
+            if self.top_p < 1:
+                sorted_probs, order = probs.sort(-1, descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
+                probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
     @torch.no_grad()
-    def generate(self, conversations: list[list[dict]]) -> list[Generation]:
+    def generate(self, conversations: list[list[dict]], generator: torch.Generator | None = None) -> list[Generation]:
         if not conversations:
             return []
-        prompts = [self.encode_prompt(c) for c in conversations]
-        pad = self.tokenizer.pad_token_id
+        encoded = [self.encode_prompt(c) for c in conversations]
+        prompts = [ids for ids, _ in encoded]
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
-        device = next(self.model.parameters()).device
-        sample = self.temperature > 0
-        out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=self.max_new_tokens,
-            do_sample=sample, temperature=self.temperature if sample else None, top_p=self.top_p if sample else None,
-            top_k=0 if sample else None, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
-            return_dict_in_generate=True, output_logits=True)
-        completions = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # (batch, new tokens, vocab), before processors
-        logprobs = torch.log_softmax(logits / (self.temperature if sample else 1.0), dim=-1)
-        token_logprobs = logprobs.gather(-1, completions.unsqueeze(-1)).squeeze(-1)
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        # Positions count real tokens only, as in training's left-padded forward (agents.training.pack).
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        tokens, logprobs = [], []
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for _ in range(self.max_new_tokens):
+            token, logprob = self._next_tokens(out.logits[:, -1], generator)
+            token = token.masked_fill(finished, pad)
+            tokens.append(token)
+            logprobs.append(logprob)
+            finished |= token == eos
+            if bool(finished.all()) or len(tokens) == self.max_new_tokens:
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=token[:, None], attention_mask=attention, position_ids=positions,
+                             use_cache=True, **{self._cache_argument: _cache_of(out)})
+        completions = torch.stack(tokens, dim=1).cpu()
+        completion_logprobs = torch.stack(logprobs, dim=1).cpu()
         results = []
-        for row, ids in enumerate(prompts):
-            tokens = completions[row].tolist()
-            length = len(tokens)
-            if self.tokenizer.eos_token_id in tokens:
-                length = tokens.index(self.tokenizer.eos_token_id) + 1  # keep the eos: the policy learns to stop
-            kept = tokens[:length]
+        for row, (ids, cut) in enumerate(encoded):
+            kept = completions[row].tolist()
+            if eos in kept:
+                kept = kept[:kept.index(eos) + 1]  # keep the eos: the policy learns to stop
             results.append(Generation(
                 text=self.tokenizer.decode(kept, skip_special_tokens=True), prompt_ids=ids, completion_ids=kept,
-                logprobs=token_logprobs[row, :length].tolist()))
+                logprobs=completion_logprobs[row, :len(kept)].tolist(), prompt_tokens_cut=cut))
         return results
 
 

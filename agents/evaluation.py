@@ -1,4 +1,9 @@
-"""Running a policy over a fixed set of tasks through vector envs: shared by eval.py and the trainers."""
+"""The one episode runner over vector envs, and the one builder of env arguments.
+
+eval.py, train_sft.py (teacher rollouts, in-run evaluation) and train_grpo.py (rollouts) all run
+episodes through `run_episodes` and build env arguments with `make_env_kwargs`, so an id runs with
+the same settings and the same loop everywhere.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
+import atommem_env
 from atommem_env.wrappers import TaskSchedule
 
 from .policies import Policy, unbatch
@@ -15,20 +21,80 @@ from .policies import Policy, unbatch
 OP_KEYS = ("create", "read", "update", "delete", "scratchpad", "query")
 
 
-def evaluate_policy(policy: Policy, env_id: str, env_kwargs: dict, num_episodes: int, num_envs: int, seed: int,
-                    progress: Callable[[int], object] | None = None) -> dict:
-    """Runs tasks 0..num_episodes-1 of the env's split (env i of n takes tasks i, i+n, ...).
+def make_env_kwargs(env_id: str, *, split: str, data_path: str | None = None, embedder: str | None = None,
+                    context_tokens: int | None = None, chunk_tokens: int | None = None,
+                    extra: dict | None = None) -> dict:
+    """gym.make arguments: the id's registered settings, overridden only by what is given here.
 
-    The task set is the same for every policy. An output with `error` (a failed LLM request)
-    marks its episode failed (EM and F1 0); empty actions then run that episode to its end.
-    Returns `summarize()` of the per-episode records.
+    A `context_tokens` replaces the id's `num_documents` (an id pads to one or the other); `extra`
+    (eval.py's ablations, --env-kwargs) goes in last.
     """
-    n = min(num_envs, num_episodes)
-    schedules = [list(range(i, num_episodes, n)) for i in range(n)]
-    envs = gym.vector.SyncVectorEnv([lambda s=s: TaskSchedule(gym.make(env_id, **env_kwargs), s) for s in schedules])
+    if env_id not in atommem_env.ENV_IDS:
+        raise ValueError(f"unknown env id {env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
+    kwargs: dict = {"split": split}
+    if data_path:
+        kwargs["data_path"] = data_path
+    if embedder:
+        kwargs["embedder"] = embedder
+    if context_tokens is not None:
+        kwargs["context_tokens"] = context_tokens
+        if atommem_env.ENV_IDS[env_id].get("num_documents") is not None:
+            kwargs["num_documents"] = None
+    if chunk_tokens is not None:
+        kwargs["chunk_tokens"] = chunk_tokens
+    kwargs.update(extra or {})
+    return kwargs
+
+
+def length_label(env_id: str, context_tokens: int | None) -> str:
+    """How a document length is named in reports and metric keys: the tokens, or the id's own setting."""
+    registered = atommem_env.ENV_IDS[env_id]
+    if context_tokens is not None:
+        return str(context_tokens)
+    if registered.get("context_tokens") is not None:
+        return str(registered["context_tokens"])
+    if registered.get("num_documents") is not None:
+        return f"{registered['num_documents']}docs"
+    return "default"
+
+
+def make_vector_env(env_id: str, env_kwargs: dict, num_envs: int) -> gym.vector.SyncVectorEnv:
+    """`num_envs` envs, each wrapped in a TaskSchedule for `run_episodes`."""
+    return gym.vector.SyncVectorEnv([lambda: TaskSchedule(gym.make(env_id, **env_kwargs)) for _ in range(num_envs)])
+
+
+def num_tasks(envs: gym.vector.SyncVectorEnv) -> int | None:
+    """Tasks in the envs' split (None: unbounded, as for synthetic ids)."""
+    return envs.envs[0].unwrapped.task_source.num_tasks
+
+
+def episode_schedules(num_episodes: int, num_envs: int, process_index: int = 0, num_processes: int = 1) -> list[list[int]]:
+    """Task indices per env: env j of all n = num_envs * num_processes takes tasks j, j+n, ...; this process's share."""
+    n = min(num_envs * num_processes, num_episodes)
+    schedules = [list(range(j, num_episodes, n)) for j in range(n)]
+    per_process = -(-n // num_processes)
+    return schedules[process_index * per_process:(process_index + 1) * per_process]
+
+
+def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list[list[int]], seed: int,
+                 keep_steps: bool = False, progress: Callable[[int], object] | None = None) -> list[dict]:
+    """Runs env i through the tasks `schedules[i]`, in order; one record per episode, in the order they end.
+
+    An output with `error` (a failed LLM request) marks its episode failed (EM and F1 0); empty
+    actions then run that episode to its end. With `keep_steps`, a record's "steps" lists
+    (observation, PolicyOutput) for each of its steps: SFT data and GRPO samples come from there.
+    Envs past their schedule (or without one) idle with empty actions.
+    """
+    n = envs.num_envs
+    if len(schedules) > n:
+        raise ValueError(f"{len(schedules)} schedules for {n} envs")
+    schedules = list(schedules) + [[] for _ in range(n - len(schedules))]
+    for env, schedule in zip(envs.envs, schedules):
+        env.set_schedule(schedule)
     obs, _ = envs.reset(seed=seed)
     remaining = [len(s) for s in schedules]
     failed: list[str | None] = [None] * n
+    steps: list[list] = [[] for _ in range(n)]
     started = [time.perf_counter()] * n
     just_reset = np.zeros(n, dtype=bool)  # the vector env's autoreset step: its action is ignored
     episodes = []
@@ -41,6 +107,7 @@ def evaluate_policy(policy: Policy, env_id: str, env_kwargs: dict, num_episodes:
             outputs = policy.act([observations[i] for i in active], [tasks[i] for i in active], slots=active)
             for i, out in zip(active, outputs):
                 actions[i] = out.text
+                steps[i].append((observations[i], out))
                 if out.error:
                     failed[i] = out.error
         obs, _, terminated, truncated, info = envs.step(actions)
@@ -50,23 +117,42 @@ def evaluate_policy(policy: Policy, env_id: str, env_kwargs: dict, num_episodes:
             if not remaining[i]:
                 continue
             remaining[i] -= 1
-            episodes.append({
+            cut = [out.generation.prompt_tokens_cut for _, out in steps[i] if out.generation is not None]
+            record = {
+                "slot": int(i), "task_index": schedules[i][len(schedules[i]) - remaining[i] - 1],
                 "task_id": info["task_id"][i], "em": 0.0 if failed[i] else float(info["em"][i]),
                 "f1": 0.0 if failed[i] else float(info["f1"][i]), "failed": failed[i],
                 "answer": info["answers"][i], "gold": info["gold_answers"][i],
                 "ops": {k: int(info["op_counts"][k][i]) for k in OP_KEYS + ("answer",)},
                 "invalid_ops": int(info["total_invalid_ops"][i]), "tokens_shown": int(info["tokens_shown"][i]),
-                "num_chunks": int(info["num_chunks"][i]), "seconds": time.perf_counter() - started[i],
-            })
+                "num_chunks": int(info["num_chunks"][i]), "num_steps": len(steps[i]),
+                "prompts_cut": sum(c > 0 for c in cut), "prompt_tokens_cut": int(sum(cut)),
+                "seconds": time.perf_counter() - started[i],
+            }
+            if keep_steps:
+                record["steps"] = steps[i]
+            episodes.append(record)
             failed[i] = None
+            steps[i] = []
             started[i] = time.perf_counter()
             if progress is not None:
                 progress(1)
-    envs.close()
-    return summarize(episodes)
+    return episodes
+
+
+def evaluate_policy(policy: Policy, env_id: str, env_kwargs: dict, num_episodes: int, num_envs: int, seed: int,
+                    progress: Callable[[int], object] | None = None) -> dict:
+    """Runs tasks 0..num_episodes-1 of the env's split, the same set for every policy; `summarize()`s them."""
+    schedules = episode_schedules(num_episodes, num_envs)
+    envs = make_vector_env(env_id, env_kwargs, len(schedules))
+    try:
+        return summarize(run_episodes(envs, policy, schedules, seed, progress=progress))
+    finally:
+        envs.close()
 
 
 def summarize(episodes: list[dict]) -> dict:
+    episodes = sorted(episodes, key=lambda e: e["task_index"])  # the same order however many envs or processes
     mean = lambda key: float(np.mean([e[key] for e in episodes]))  # noqa: E731
     valid = sum(sum(e["ops"].values()) for e in episodes)
     invalid = sum(e["invalid_ops"] for e in episodes)
@@ -79,8 +165,14 @@ def summarize(episodes: list[dict]) -> dict:
         # Valid ops over all attempted; 1.0 when nothing was attempted (read it with the op counts).
         "valid_op_rate": valid / (valid + invalid) if valid + invalid else 1.0,
         "tokens_shown_per_episode": mean("tokens_shown"),
+        "prompt_cut_rate": sum(e["prompts_cut"] for e in episodes) / max(1, sum(e["num_steps"] for e in episodes)),
+        "prompt_tokens_cut_per_episode": mean("prompt_tokens_cut"),
         "seconds_per_episode": mean("seconds"),
         "failed_episodes": sum(e["failed"] is not None for e in episodes),
         "failures": sorted({e["failed"] for e in episodes if e["failed"]}),
-        "records": episodes,
+        "records": [{k: v for k, v in e.items() if k != "steps"} for e in episodes],
     }
+
+
+def protocol_of(env_id: str) -> str:
+    return atommem_env.ENV_IDS[env_id].get("protocol", "atommem")

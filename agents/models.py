@@ -25,7 +25,8 @@ CHAT_TEMPLATE = (
 )
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 BASE_MODEL_FILE = "atommem_base.json"
-"""Written into LoRA checkpoints: the base model name (built-ins like 'smollm2' included) and GGUF file."""
+"""Written into LoRA checkpoints: the base model name (built-ins like 'smollm2' included), GGUF file, and the
+adapters merged into the base before this one ("merged_adapters": folders inside the checkpoint, in order)."""
 
 
 def cache_dir() -> Path:
@@ -58,12 +59,16 @@ def _tiny_corpus() -> list[str]:
 
 
 def build_tiny_model(path: str | Path | None = None, vocab_size: int = 2048, hidden_size: int = 128,
-                     num_layers: int = 4, seed: int = 0) -> Path:
-    """Writes a tiny random Llama and a locally trained BPE tokenizer to `path`; returns the path."""
+                     num_layers: int = 4, seed: int = 0, padded_vocab_size: int | None = None) -> Path:
+    """Writes a tiny random Llama and a locally trained BPE tokenizer to `path`; returns the path.
+
+    `padded_vocab_size` gives the model more output rows than the tokenizer has tokens (real models pad
+    theirs too): benchmarks use it to grow the vocabulary without a bigger tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    default_name = f"tiny-lm-v{vocab_size}-h{hidden_size}-l{num_layers}-s{seed}"
+    default_name = f"tiny-lm-v{vocab_size}-h{hidden_size}-l{num_layers}-s{seed}" + (
+        f"-p{padded_vocab_size}" if padded_vocab_size else "")
     path = Path(path) if path is not None else cache_dir() / default_name
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
@@ -78,7 +83,7 @@ def build_tiny_model(path: str | Path | None = None, vocab_size: int = 2048, hid
                                    bos_token="<|im_start|>")
     fast.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+    config = LlamaConfig(vocab_size=max(len(fast), padded_vocab_size or 0), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=8192,
                          pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
@@ -134,12 +139,22 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     return tokenizer
 
 
+def merged_adapters_of(checkpoint: str | Path) -> list[Path]:
+    """The LoRA adapters a checkpoint's own adapter sits on (merged into its base first), in order."""
+    base_file = Path(checkpoint) / BASE_MODEL_FILE
+    if not base_file.is_file():
+        return []
+    return [Path(checkpoint) / name for name in json.loads(base_file.read_text()).get("merged_adapters", [])]
+
+
 def load_causal_lm(name_or_path: str, *, gguf_file: str | None = None, adapter: str | None = None,
-                   device: str = "auto", dtype: str = "auto", trainable: bool = False, tokenizer_from: str | None = None):
+                   device: str = "auto", dtype: str = "auto", trainable: bool = False, tokenizer_from: str | None = None,
+                   merged_adapters: list[Path] = ()):
     """(model, tokenizer); the model in eval mode unless `trainable`. Raises ValueError for a bad path.
 
     A directory holding only a LoRA adapter (a train_sft.py / train_grpo.py checkpoint) loads its
-    base model from adapter_config.json, then the adapter; the tokenizer comes from the checkpoint.
+    base model from atommem_base.json (or adapter_config.json), merges the adapters listed there
+    into it (GRPO's LoRA on an SFT LoRA), then loads the adapter; the tokenizer comes from the checkpoint.
     """
     from transformers import AutoModelForCausalLM
 
@@ -157,7 +172,7 @@ def load_causal_lm(name_or_path: str, *, gguf_file: str | None = None, adapter: 
         else:
             base_model, base_gguf = json.loads(adapter_config.read_text())["base_model_name_or_path"], None
         return load_causal_lm(base_model, gguf_file=base_gguf, adapter=path, device=device, dtype=dtype,
-                              trainable=trainable, tokenizer_from=path)
+                              trainable=trainable, tokenizer_from=path, merged_adapters=merged_adapters_of(path))
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -166,11 +181,15 @@ def load_causal_lm(name_or_path: str, *, gguf_file: str | None = None, adapter: 
     except OSError as err:
         raise ValueError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
     tokenizer = load_tokenizer(tokenizer_from or name_or_path, None if tokenizer_from else gguf_file)
-    if adapter is not None:
+    for directory in [*merged_adapters, *([adapter] if adapter is not None else [])]:
+        if not (Path(directory) / "adapter_config.json").is_file():
+            raise ValueError(f"no LoRA adapter (adapter_config.json) in {directory}")
+    if merged_adapters or adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ValueError(f"no LoRA adapter (adapter_config.json) in {adapter}")
+        for directory in merged_adapters:
+            model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     model.to(device)
     model.train(trainable)

@@ -93,13 +93,16 @@ class OraclePolicy(Policy):
 
     While reading, it creates an entry for every supporting sentence in the chunk, and when a
     sentence supersedes an earlier one (same `key`) it Updates that entry instead. In the answer
-    phase it Reads with the question once, then answers the gold answer. AtomMem protocol only.
+    phase it Reads with the question once, then answers the gold answer. In the paper protocol
+    it adds every supporting sentence (`Memory i` ranks are not stable ids, so no modify) and
+    answers each question with `<final_answer>\\boxed{gold}</final_answer>`.
     Its state is kept per slot (env index), so episodes of the same task in two envs do not mix.
     """
 
     name = "oracle"
 
-    def __init__(self):
+    def __init__(self, protocol: str = "atommem"):
+        self.protocol = protocol
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
         self.pending: dict[int, list[str]] = {}  # slot -> keys of the Creates sent last step, in order
 
@@ -109,7 +112,15 @@ class OraclePolicy(Policy):
         slots = range(len(observations)) if slots is None else slots
         return [PolicyOutput(self._act_one(slot, obs, task)) for slot, obs, task in zip(slots, observations, tasks)]
 
+    def _act_paper(self, obs: dict, task: Task) -> str:
+        if answering(obs):
+            return format_ops([Answer(f"\\boxed{{{q.answers[0]}}}") for q in task.questions], "paper")
+        facts = dict.fromkeys(f.text for q in task.questions for f in q.supporting_facts if f.text and f.text in obs["chunk"])
+        return format_ops([Create(text) for text in facts], "paper")
+
     def _act_one(self, slot: int, obs: dict, task: Task) -> str:
+        if self.protocol == "paper":
+            return self._act_paper(obs, task)
         fresh = int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
         ids = self.entry_ids[slot] = {} if fresh else self.entry_ids.get(slot, {})
         created = [int(n) for n in re.findall(r"^created entry (\d+)$", obs["feedback"], re.MULTILINE)]

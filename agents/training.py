@@ -1,4 +1,4 @@
-"""Plumbing shared by train_sft.py and train_grpo.py: model set-up, checkpoints, memory readings.
+"""Plumbing shared by train_sft.py and train_grpo.py: model set-up, the completion scorer, checkpoints.
 
 The algorithms stay in the scripts; this holds what both need identically, so a checkpoint of
 one loads in the other and in eval.py (`--model <checkpoint dir>`).
@@ -6,29 +6,128 @@ one loads in the other and in eval.py (`--model <checkpoint dir>`).
 
 from __future__ import annotations
 
+import datetime
 import json
 import resource
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from .models import BASE_MODEL_FILE, load_causal_lm
+from .models import BASE_MODEL_FILE, load_causal_lm, merged_adapters_of
 
 TRAINER_STATE = "trainer_state.pt"
+LOGIT_CHUNK_ELEMENTS = 1 << 24
+"""Logits computed at once by CompletionScorer: rows of the LM head per chunk = this / vocabulary size."""
 
 
-def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_target: int) -> torch.Tensor:
-    """Float32 logits at positions first_target-1 .. width-2: those predicting tokens first_target .. width-1.
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One training batch: prompts left-padded, completions right-padded, so every completion starts at one column.
 
-    Only these positions go through the LM head (`logits_to_keep`): over whole prompts the logits
-    of a 150k-token vocabulary take gigabytes per sample. Slicing from the end stays right for a
-    model whose forward ignores the argument.
+    Returns input_ids and attention_mask (batch, longest prompt + longest completion), position_ids
+    counting real tokens only (as generation does), targets (batch, longest completion) and
+    target_mask. Only the completion columns then go through the LM head, whatever the prompt lengths.
     """
-    keep = input_ids.shape[1] - first_target + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    return logits[:, -keep:-1].float()
+    prompt_width, completion_width = max(map(len, prompts)), max(map(len, completions))
+    rows = len(prompts)
+    input_ids = torch.full((rows, prompt_width + completion_width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    targets = torch.full((rows, completion_width), pad_id, dtype=torch.long)
+    target_mask = torch.zeros((rows, completion_width), dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        start = prompt_width - len(prompt)
+        input_ids[row, start:prompt_width + len(completion)] = torch.tensor(prompt + completion)
+        attention[row, start:prompt_width + len(completion)] = 1
+        targets[row, :len(completion)] = torch.tensor(completion)
+        target_mask[row, :len(completion)] = True
+    return {"input_ids": input_ids, "attention_mask": attention,
+            "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "targets": targets, "target_mask": target_mask}
+
+
+def _score_rows(head, softcap, temperature, hidden, targets):
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    with torch.no_grad():  # metrics, not part of any loss
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        correct = logprobs.argmax(-1) == targets
+    return logprobs.gather(-1, targets[:, None]).squeeze(-1), entropy, correct
+
+
+def _base(lm):
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+class CompletionScorer(torch.nn.Module):
+    """Log-probs of completion tokens under a causal LM: the loss input of SFT (-log-prob) and GRPO.
+
+    forward(**pack(...), temperature) -> (log-probs, entropy, argmax == target), each (batch, longest
+    completion), zero past each completion. Memory scales with the completion tokens of the batch, never
+    with completion tokens x vocabulary: the decoder's last hidden states at the completion positions go
+    through the LM head a chunk of rows at a time, each chunk recomputed in the backward pass
+    (activation checkpointing) instead of kept. `final_logit_softcapping` (Gemma) is applied;
+    `verify_scorer` checks the result against the model's own logits at start-up.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids, targets, target_mask, temperature: float = 1.0):
+        base = _base(self.lm)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False).last_hidden_state
+        first = input_ids.shape[1] - targets.shape[1]  # the column of every row's first completion token
+        hidden = hidden[:, first - 1:-1][target_mask]
+        flat_targets = targets[target_mask]
+        head, softcap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+        rows = max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+        parts = []
+        for begin in range(0, len(flat_targets), rows):
+            args = (head, softcap, temperature, hidden[begin:begin + rows], flat_targets[begin:begin + rows])
+            parts.append(checkpoint(_score_rows, *args, use_reentrant=False) if torch.is_grad_enabled()
+                         else _score_rows(*args))
+        outputs = []
+        for values, dtype in zip(zip(*parts), (torch.float32, torch.float32, torch.bool)):
+            full = torch.zeros(targets.shape, dtype=dtype, device=targets.device)
+            full[target_mask] = torch.cat(values)
+            outputs.append(full)
+        return tuple(outputs)
+
+
+@torch.no_grad()
+def verify_scorer(lm) -> None:
+    """Raises ValueError if CompletionScorer's log-probs differ from the model's own logits (a model whose
+    logits are more than its LM head over the last hidden state)."""
+    was_training = lm.training
+    lm.eval()
+    device = next(lm.parameters()).device
+    vocab = _base(lm).get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(12) * 7919 % vocab).tolist()
+    batch = {k: v.to(device) for k, v in pack([ids[:8]], [ids[8:]], pad_id=0).items()}
+    ours = CompletionScorer(lm)(**batch)[0][0]
+    full = torch.log_softmax(lm(input_ids=torch.tensor([ids], device=device)).logits[0, 7:11].float(), dim=-1)
+    reference = full.gather(-1, torch.tensor(ids[8:], device=device)[:, None]).squeeze(-1)
+    lm.train(was_training)
+    gap = float((ours - reference).abs().max())
+    if gap > (1e-3 if next(lm.parameters()).dtype == torch.float32 else 5e-2):
+        raise ValueError(f"the model's logits are not its LM head over the decoder's last hidden state "
+                         f"(log-prob gap {gap:.3g}): CompletionScorer cannot train it")
+
+
+def make_accelerator(bf16: bool | None, device: str):
+    """The Accelerator of both trainers: bf16 autocast where asked (default: GPUs that support it), and a
+    process-group time-out of hours, since other processes wait while the main one saves or logs."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    if bf16 is None:
+        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu",
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
 
 
 def check_env_args(env_id: str, data_path: str | None) -> None:
@@ -43,15 +142,25 @@ def check_env_args(env_id: str, data_path: str | None) -> None:
 
 def setup_model(model: str, gguf_file: str | None, resume: str | None, lora_r: int, lora_alpha: int,
                 lora_dropout: float, lora_target_modules: tuple[str, ...], gradient_checkpointing: bool, device: str,
-                dtype: str):
-    """(model, tokenizer) ready to train: a fresh LoRA (lora_r > 0) or full model, or a resumed checkpoint."""
+                dtype: str, merge_start_adapter: bool = False):
+    """(model, tokenizer, merged adapters) ready to train: a fresh LoRA (lora_r > 0) or full model, or a resumed checkpoint.
+
+    A LoRA checkpoint as the start goes on training its adapter, unless `merge_start_adapter` (GRPO):
+    then the adapter is merged into the base, so that the start is one model, and a fresh adapter
+    (or all weights) trains on top; the merged adapters are returned, to be saved with the checkpoint.
+    """
     if resume is not None:
         if not (Path(resume) / TRAINER_STATE).is_file():
             raise ValueError(f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE})")
         net, tokenizer = load_causal_lm(resume, device=device, dtype=dtype, trainable=True)
+        merged = merged_adapters_of(resume)
     else:
         net, tokenizer = load_causal_lm(model, gguf_file=gguf_file, device=device, dtype=dtype, trainable=True)
-        if lora_r > 0 and not hasattr(net, "peft_config"):  # a LoRA checkpoint goes on training its adapter
+        merged = merged_adapters_of(model)
+        if merge_start_adapter and hasattr(net, "peft_config"):
+            merged.append(Path(model))
+            net = net.merge_and_unload()
+        if lora_r > 0 and not hasattr(net, "peft_config"):
             from peft import LoraConfig, get_peft_model
 
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -66,18 +175,38 @@ def setup_model(model: str, gguf_file: str | None, resume: str | None, lora_r: i
         enable()
         if hasattr(net, "enable_input_require_grads"):
             net.enable_input_require_grads()  # LoRA: frozen embeddings would cut the graph
+    verify_scorer(net)
     net.train()
-    return net, tokenizer
+    return net, tokenizer, merged
+
+
+def load_reference(spec: dict, device: str, dtype: str):
+    """The KL reference for full fine-tuning: the run's starting policy, loaded again, frozen (LoRA runs use
+    the policy with its adapter disabled instead). `spec` is what the run recorded: model, gguf_file."""
+    try:
+        net, _ = load_causal_lm(spec["model"], gguf_file=spec.get("gguf_file"), device=device, dtype=dtype)
+    except ValueError as err:
+        raise ValueError(f"cannot load the KL reference (the run's starting policy): {err}") from err
+    if hasattr(net, "peft_config"):
+        net = net.merge_and_unload()
+    return CompletionScorer(net).eval().requires_grad_(False)
 
 
 def save_checkpoint(path: Path, model, tokenizer, args, base_model: str, gguf_file: str | None,
-                    trainer_state: dict) -> None:
-    """Model (or LoRA adapter), tokenizer, Args as JSON, and the optimizer/scheduler/step state."""
+                    trainer_state: dict, merged_adapters: list[Path] = ()) -> None:
+    """Model (or LoRA adapter, with the adapters merged under it), tokenizer, Args as JSON, trainer state."""
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if hasattr(model, "peft_config"):
-        (path / BASE_MODEL_FILE).write_text(json.dumps({"model": base_model, "gguf_file": gguf_file}))
+        names = []
+        for k, source in enumerate(merged_adapters):
+            names.append(f"merged_adapter_{k}")
+            if Path(source).resolve() != (path / names[-1]).resolve():
+                shutil.copytree(source, path / names[-1], dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns(TRAINER_STATE, "merged_adapter_*"))
+        (path / BASE_MODEL_FILE).write_text(json.dumps({"model": base_model, "gguf_file": gguf_file,
+                                                        "merged_adapters": names}))
     (path / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str))
     torch.save(trainer_state, path / TRAINER_STATE)
 
@@ -88,10 +217,10 @@ def load_trainer_state(resume: str | None) -> dict | None:
     return torch.load(Path(resume) / TRAINER_STATE, weights_only=False)
 
 
-def base_model_of(resume: str | None, model: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """The base model a LoRA checkpoint was made from (to record again when it is saved anew)."""
-    if resume is not None and (Path(resume) / BASE_MODEL_FILE).is_file():
-        base = json.loads((Path(resume) / BASE_MODEL_FILE).read_text())
+def base_model_of(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """The base model under a LoRA checkpoint (to record again when it is saved anew); else the model itself."""
+    if (Path(model) / BASE_MODEL_FILE).is_file():
+        base = json.loads((Path(model) / BASE_MODEL_FILE).read_text())
         return base["model"], base.get("gguf_file")
     return model, gguf_file
 
@@ -108,37 +237,49 @@ def hparams_table(args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
 
 
-def env_kwargs_for(args, split: str, context_tokens: int) -> dict:
-    """The env arguments both trainers use, from their Args (env id, data, chunking, embedder)."""
-    kwargs = dict(split=split, context_tokens=context_tokens, chunk_tokens=args.chunk_tokens, embedder=args.embedder)
-    if args.data_path:
-        kwargs["data_path"] = args.data_path
-    return kwargs
+def trainer_env_kwargs(args, split: str, context_tokens: int | None) -> dict:
+    """`make_env_kwargs` from a trainer's Args: the id's registered settings unless a flag says otherwise."""
+    from .evaluation import make_env_kwargs
+
+    return make_env_kwargs(args.env_id, split=split, data_path=args.data_path, embedder=args.embedder,
+                           context_tokens=context_tokens, chunk_tokens=args.chunk_tokens)
 
 
-def evaluate_and_log(model, tokenizer, args, step: int, writer) -> dict:
-    """Greedy evaluation of the model as an LLM policy on held-out tasks, logged under eval/."""
-    import atommem_env
+def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator) -> dict:
+    """Greedy held-out evaluation of the model as an LLM policy, shared by all processes; the main one logs.
+
+    Returns {length label: summary} on the main process, {} on the others.
+    """
+    from accelerate.utils import gather_object
 
     from .backends import HFGenerator
-    from .evaluation import evaluate_policy
+    from .evaluation import (episode_schedules, length_label, make_vector_env, protocol_of, run_episodes,
+                             summarize)
     from .policies import LLMPolicy
 
     generator = HFGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens,
-                            max_prompt_tokens=args.max_seq_len)
-    policy = LLMPolicy(generator, atommem_env.ENV_IDS[args.env_id].get("protocol", "atommem"))
+                            max_prompt_tokens=args.max_prompt_tokens)
+    policy = LLMPolicy(generator, protocol_of(args.env_id))
     was_training = model.training
     model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
     results = {}
-    for length in args.eval_context_tokens:
-        r = evaluate_policy(policy, args.env_id, env_kwargs_for(args, "eval", length), args.eval_episodes,
-                            args.num_envs, seed=10_000 + args.seed)
-        results[length] = r
-        for key in ("em", "f1", "valid_op_rate"):
-            writer.add_scalar(f"eval/{key}_{length}", r[key], step)
+    for length in args.eval_context_tokens or (args.context_tokens,):
+        schedules = episode_schedules(args.eval_episodes, args.num_envs, rank, world)
+        envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "eval", length), args.num_envs)
+        with accelerator.autocast():
+            records = run_episodes(envs, policy, schedules, seed=10_000 + args.seed + rank * args.num_envs)
+        envs.close()
+        records = gather_object(records)
+        if not accelerator.is_main_process:
+            continue
+        label = length_label(args.env_id, length)
+        r = results[label] = summarize(records)
+        for key in ("em", "f1", "valid_op_rate", "prompt_cut_rate"):
+            writer.add_scalar(f"eval/{key}_{label}", r[key], step)
         for op, count in r["ops_per_episode"].items():
-            writer.add_scalar(f"eval/ops_{op}_{length}", count, step)
-        print(f"eval step={step} context={length}: em={r['em']:.3f} valid_op_rate={r['valid_op_rate']:.3f} "
-              f"ops={ {k: round(v, 1) for k, v in r['ops_per_episode'].items()} }")
+            writer.add_scalar(f"eval/ops_{op}_{label}", count, step)
+        print(f"eval step={step} context={label}: em={r['em']:.3f} valid_op_rate={r['valid_op_rate']:.3f} "
+              f"prompt_cut_rate={r['prompt_cut_rate']:.2f} ops={ {k: round(v, 1) for k, v in r['ops_per_episode'].items()} }")
     model.train(was_training)
     return results

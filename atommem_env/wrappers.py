@@ -27,6 +27,11 @@ class TaskSchedule(gym.Wrapper):
         self.position = 0
         self.slot = slot
 
+    def set_schedule(self, task_indices: Iterable[int]) -> None:
+        """The next resets take these task indices in order (an episode runner reuses its envs)."""
+        self.schedule = list(task_indices)
+        self.position = 0
+
     def reset(self, *, seed=None, options=None):
         options = dict(options or {})
         per_slot = options.pop("task_indices", None)

@@ -60,7 +60,7 @@ def test_hf_generator_returns_ids_and_logprobs(tiny_generator):
     assert greedy[0].completion_ids == greedy[1].completion_ids  # left padding does not change the result
     assert len(greedy[0].logprobs) == len(greedy[0].completion_ids) > 0
     assert all(lp <= 0 for lp in greedy[0].logprobs)
-    assert greedy[0].prompt_ids == tiny_generator.encode_prompt(messages)
+    assert greedy[0].prompt_ids == tiny_generator.encode_prompt(messages)[0]
 
 
 @pytest.mark.parametrize("name", ["noop", "random", "oracle"])
@@ -109,8 +109,8 @@ def test_make_policy_errors():
         make_policy("psychic")
     with pytest.raises(ValueError, match="needs a reader"):
         make_policy("rag")
-    with pytest.raises(ValueError, match="oracle writes the atommem protocol"):
-        make_policy("oracle", protocol="paper")
+    with pytest.raises(ValueError, match="rag workflow writes the atommem protocol"):
+        make_policy("rag", protocol="paper", generator=object())
     assert set(POLICIES) >= {"noop", "random", "oracle", "rag", "memagent", "llm"}
 
 

@@ -11,7 +11,7 @@ from conftest import REPO
 
 import train_grpo
 from agents import HFGenerator, build_messages
-from agents.training import completion_logits
+from agents.training import CompletionScorer
 from train_grpo import StepSample, group_advantages, grpo_loss, loss_denominator, padded_old_logprobs, token_logprobs
 
 
@@ -76,7 +76,7 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--model", "/no/such/model"], "model path not found"),
     (["--trajectories", "/no/such.jsonl"], "does not exist"),
     (["--env-id", "AtomMem/HotpotQA-v0"], "needs --data-path"),
-    (["--max-completion-tokens", "2000"], "below --max-seq-len"),
+    (["--dtype", "float8"], "--dtype must be"),
     (["--lora-r", "4", "--lora-target-modules", "nonexistent_proj"], "LoRA set-up failed"),
     (["--resume", "/tmp"], "not a checkpoint directory"),
     (["--learning-rate", "fast"], "learning-rate"),
@@ -108,7 +108,7 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
     logs = EventAccumulator(str(run))
     logs.Reload()
     for tag in ("rollout/response_length", "charts/rollout_tokens_per_second", "rollout/zero_std_group_fraction",
-                "rollout/ops_create_per_episode", "losses/kl", "eval/em_400"):
+                "rollout/ops_create_per_episode", "losses/kl", "eval/em_300", "rollout/prompt_cut_rate"):
         assert len(logs.Scalars(tag)) == 2, tag
     # Every rollout step generates at least its end-of-turn token, whatever the rewards.
     assert all(e.value >= 1 for e in logs.Scalars("rollout/response_length"))
@@ -162,7 +162,7 @@ def test_group_advantages():
     rewards = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     scaled, zero = group_advantages(rewards, 4, scale=True)
     assert zero == 0.5 and np.allclose(scaled[4:], 0)
-    std = np.std([1, 0, 0, 0])
+    std = np.std([1, 0, 0, 0], ddof=1)  # Bessel's correction, as torch.std in TRL
     assert np.allclose(scaled[:4], (np.array([1, 0, 0, 0]) - 0.25) / (std + 1e-4))
     centred, _ = group_advantages(rewards, 4, scale=False)
     assert np.allclose(centred[:4], [0.75, -0.25, -0.25, -0.25])
@@ -173,18 +173,24 @@ def _args(**kw):
     return SimpleNamespace(**{**base, **kw})
 
 
+def _loss(logprobs, old, ref, adv, w, mask, args, max_completion=4):
+    """grpo_loss with the denominator of this batch taken as the whole minibatch, on one process."""
+    denominator = loss_denominator(w, mask.sum(-1), args.loss_type, max_completion, float(w.mean()))
+    return grpo_loss(logprobs, old, ref, adv, w, mask, args, denominator)
+
+
 def test_grpo_loss_types_match_hand_computation():
     # Two samples: 2 tokens and 1 token; ratio 1 everywhere, so the loss is -advantage averaged by each rule.
     logprobs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     adv, w = torch.tensor([1.0, -2.0]), torch.tensor([1.0, 1.0])
-    grpo, _ = grpo_loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="grpo"), 4)
+    grpo, _ = _loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="grpo"))
     assert grpo.item() == pytest.approx((-1 + 2) / 2)
-    dapo, _ = grpo_loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="dapo"), 4)
+    dapo, _ = _loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="dapo"))
     assert dapo.item() == pytest.approx((-1 - 1 + 2) / 3)
-    dr, _ = grpo_loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="dr_grpo"), 4)
+    dr, _ = _loss(logprobs, logprobs, None, adv, w, mask, _args(loss_type="dr_grpo"))
     assert dr.item() == pytest.approx((-1 - 1 + 2) / (2 * 4))
-    weighted, _ = grpo_loss(logprobs, logprobs, None, adv, torch.tensor([3.0, 1.0]), mask, _args(), 4)
+    weighted, _ = _loss(logprobs, logprobs, None, adv, torch.tensor([3.0, 1.0]), mask, _args())
     assert weighted.item() == pytest.approx((3 * -1 + 1 * 2) / 4)
 
 
@@ -197,12 +203,12 @@ def test_grpo_loss_split_across_processes_averages_to_the_whole_minibatch(loss_t
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float)
     adv, w = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.0]), torch.tensor([0.5, 1.0, 0.25, 1.0, 0.5])
     args = _args(loss_type=loss_type, beta=0.05)
-    full, _ = grpo_loss(logprobs, old, ref, adv, w, mask, args, 4)
+    full, _ = _loss(logprobs, old, ref, adv, w, mask, args)
     (full_grad,) = torch.autograd.grad(full, logprobs)
     world = 2
-    denominator = loss_denominator(w, mask.sum(-1), loss_type, 4) / world
+    denominator = loss_denominator(w, mask.sum(-1), loss_type, 4, float(w.mean())) / world
     parts = [grpo_loss(logprobs[r::world], old[r::world], ref[r::world], adv[r::world], w[r::world], mask[r::world],
-                       args, 4, denominator)[0] for r in range(world)]
+                       args, denominator)[0] for r in range(world)]
     averaged = sum(parts) / world  # what DDP's gradient averaging computes
     assert averaged.item() == pytest.approx(full.item(), rel=1e-6)
     (split_grad,) = torch.autograd.grad(averaged, logprobs)
@@ -213,13 +219,15 @@ def test_grpo_loss_clips_and_kl():
     old = torch.zeros(1, 2)
     new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
     mask = torch.ones(1, 2)
-    loss, stats = grpo_loss(new, old, None, torch.tensor([1.0]), torch.ones(1), mask, _args(), 2)
-    # positive advantage: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5
-    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2) and stats["clipfrac"] == 1.0
-    loss_high, _ = grpo_loss(new, old, None, torch.tensor([1.0]), torch.ones(1), mask, _args(epsilon_high=0.28), 2)
+    loss, stats = _loss(new, old, None, torch.tensor([1.0]), torch.ones(1), mask, _args(), 2)
+    # positive advantage: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5; only the first clip binds (TRL's count)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2) and stats["clipfrac"] == 0.5
+    _, stats = _loss(new, old, None, torch.tensor([-1.0]), torch.ones(1), mask, _args(), 2)
+    assert stats["clipfrac"] == 0.5  # negative advantage: the low clip binds on ratio 0.5, ratio 1.5 is free
+    loss_high, _ = _loss(new, old, None, torch.tensor([1.0]), torch.ones(1), mask, _args(epsilon_high=0.28), 2)
     assert loss_high.item() == pytest.approx(-(1.28 + 0.5) / 2)
     ref = torch.zeros(1, 2)
-    with_kl, stats = grpo_loss(old, old, ref + 0.1, torch.tensor([0.0]), torch.ones(1), mask, _args(beta=0.5), 2)
+    with_kl, stats = _loss(old, old, ref + 0.1, torch.tensor([0.0]), torch.ones(1), mask, _args(beta=0.5), 2)
     k3 = np.exp(0.1) - 0.1 - 1
     assert with_kl.item() == pytest.approx(0.5 * k3, rel=1e-5) and stats["kl"] == pytest.approx(k3, rel=1e-5)
 
@@ -231,7 +239,8 @@ def test_rollout_logprobs_match_the_training_forward_pass():
            "feedback": "", "chunk_index": 0, "num_chunks": 1, "memory_size": 0, "reads_left": 2}
     generations = generator.generate([build_messages(obs), build_messages({**obs, "question": "Where is it?"})])
     samples = [StepSample(g.prompt_ids, g.completion_ids, g.logprobs, episode=i) for i, g in enumerate(generations)]
-    logprobs, _, mask = token_logprobs(generator.model, samples, generator.tokenizer.pad_token_id, 0.7, "cpu")
+    logprobs, _, mask = token_logprobs(CompletionScorer(generator.model), samples, generator.tokenizer.pad_token_id,
+                                       0.7, "cpu")
     for row, s in enumerate(samples):
         n = len(s.completion_ids)
         assert torch.allclose(logprobs[row, :n], torch.tensor(s.old_logprobs), atol=1e-4)
@@ -242,13 +251,14 @@ def test_grpo_updates_move_probability_towards_the_rewarded_completion():
     """A two-armed bandit on one prompt: the completion with advantage +1 gains log-probability, -1 loses it."""
     generator = HFGenerator.from_pretrained("tiny", device="cpu")
     model, tokenizer = generator.model, generator.tokenizer
+    scorer = CompletionScorer(model)
     prompt = tokenizer("<create>a fact</create>")["input_ids"]
     good, bad = tokenizer(" yes")["input_ids"], tokenizer(" no")["input_ids"]
 
     def token_logprobs_of(completion):
         sample = StepSample(prompt, completion, [0.0] * len(completion), episode=0)
         with torch.no_grad():
-            return token_logprobs(model, [sample], tokenizer.pad_token_id, 1.0, "cpu")[0][0, :len(completion)]
+            return token_logprobs(scorer, [sample], tokenizer.pad_token_id, 1.0, "cpu")[0][0, :len(completion)]
 
     before_good, before_bad = token_logprobs_of(good).sum(), token_logprobs_of(bad).sum()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -256,8 +266,9 @@ def test_grpo_updates_move_probability_towards_the_rewarded_completion():
         # old log-probs from the current policy: ratio 1, as right after a rollout
         batch = [StepSample(prompt, completion, token_logprobs_of(completion).tolist(), episode=0)
                  for completion in (good, bad)]
-        logprobs, _, mask = token_logprobs(model, batch, tokenizer.pad_token_id, 1.0, "cpu")
-        loss, _ = grpo_loss(logprobs, padded_old_logprobs(batch, logprobs), None, torch.tensor([1.0, -1.0]), torch.ones(2), mask, _args(), 4)
+        logprobs, _, mask = token_logprobs(scorer, batch, tokenizer.pad_token_id, 1.0, "cpu")
+        loss, _ = _loss(logprobs, padded_old_logprobs(batch, logprobs), None, torch.tensor([1.0, -1.0]), torch.ones(2),
+                        mask, _args())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -265,20 +276,32 @@ def test_grpo_updates_move_probability_towards_the_rewarded_completion():
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_completion_logits_equal_the_full_forward_pass_from_the_first_target(lora):
+def test_completion_scorer_equals_the_full_forward_pass(lora, monkeypatch):
+    """Left-padded prompts of different lengths, chunked LM head: the same log-probs and gradients as one
+    forward pass per sample."""
+    import agents.training
+    from agents.training import pack
     from peft import LoraConfig, get_peft_model
 
     model = HFGenerator.from_pretrained("tiny", device="cpu").model
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    ids = torch.randint(0, 500, (3, 20))
-    mask = torch.ones_like(ids)
-    mask[2, 15:] = 0  # right padding
-    with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask).logits.float()
-        trimmed = completion_logits(model, ids, mask, first_target=12)
-    assert trimmed.shape == (3, 8, full.shape[-1])
-    assert torch.allclose(trimmed, full[:, 11:19], atol=1e-5)
+    torch.manual_seed(0)
+    prompts = [torch.randint(5, 500, (n,)).tolist() for n in (12, 5, 9)]
+    completions = [torch.randint(5, 500, (n,)).tolist() for n in (3, 8, 1)]
+    expected = []
+    for prompt, completion in zip(prompts, completions):
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float()
+        expected.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1))
+    (expected_grad,) = torch.autograd.grad(sum(e.sum() for e in expected), [p for p in model.parameters()
+                                                                            if p.requires_grad][-1])
+    monkeypatch.setattr(agents.training, "LOGIT_CHUNK_ELEMENTS", 3 * 2048)  # 3 rows of the LM head at a time
+    logprobs, _, _ = CompletionScorer(model)(**pack(prompts, completions, pad_id=0))
+    for row, e in enumerate(expected):
+        assert torch.allclose(logprobs[row, :len(e)], e, atol=1e-5)
+        assert (logprobs[row, len(e):] == 0).all()
+    (grad,) = torch.autograd.grad(logprobs.sum(), [p for p in model.parameters() if p.requires_grad][-1])
+    assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
 def test_task_schedule_slots_put_groups_on_one_task():
