@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import atommem_env
 from agents import POLICIES, READER_POLICIES, make_generator, make_policy
-from agents.evaluation import evaluate_policy, make_env_kwargs, protocol_of
+from agents.evaluation import evaluate_policy, length_label, make_env_kwargs, protocol_of
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Args:
     split: str = "eval"
     """task split: all, train or eval (synthetic: odd seeds for eval)"""
     context_tokens: tuple[int, ...] = (2000, 8000)
-    """document lengths to evaluate at (tokens, regex count)"""
+    """document lengths to evaluate at (tokens, regex count); 0: the env id's registered setting (the only choice
+    for ids that pad by document count, like HotpotQA-MultiQuery)"""
     num_episodes: int = 16
     """episodes per (policy, context length): tasks 0..N-1 of the split, the same for every policy"""
     num_envs: int = 4
@@ -132,7 +133,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, by_length in results.items():
-        lengths = sorted(by_length, key=int)
+        lengths = sorted((x for x in by_length if x.isdigit()), key=int)  # a registered document count has no axis
         ax.errorbar([int(x) for x in lengths], [by_length[x]["em"] for x in lengths],
                     yerr=[by_length[x]["em_stderr"] for x in lengths], marker="o", capsize=3, label=policy)
     ax.set_xscale("log")
@@ -157,10 +158,11 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {args.env_id} needs --data-path (your copy of the dataset file)")
     if args.data_path and not os.path.isfile(args.data_path):
         raise SystemExit(f"error: --data-path {args.data_path} does not exist")
-    if args.num_episodes <= 0 or args.num_envs <= 0 or any(c <= 0 for c in args.context_tokens):
-        raise SystemExit("error: --num-episodes, --num-envs and --context-tokens must be positive")
+    if args.num_episodes <= 0 or args.num_envs <= 0 or any(c < 0 for c in args.context_tokens):
+        raise SystemExit("error: --num-episodes and --num-envs must be positive, --context-tokens >= 0")
     try:  # fail before any model loads if the env arguments are wrong
-        gym.make(args.env_id, **env_kwargs(args, args.context_tokens[0])).close()
+        for length in args.context_tokens:
+            gym.make(args.env_id, **env_kwargs(args, length)).close()
     except ValueError as err:
         raise SystemExit(f"error: {err}")
 
@@ -184,7 +186,7 @@ if __name__ == "__main__":
         for name in args.policies:
             for length in args.context_tokens:
                 policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed)
-                results.setdefault(name, {})[str(length)] = evaluate_policy(
+                results.setdefault(name, {})[length_label(args.env_id, length or None)] = evaluate_policy(
                     policy, args.env_id, env_kwargs(args, length), args.num_episodes, args.num_envs, args.seed,
                     progress=progress.update)
 

@@ -26,11 +26,18 @@ def make_env_kwargs(env_id: str, *, split: str, data_path: str | None = None, em
                     extra: dict | None = None) -> dict:
     """gym.make arguments: the id's registered settings, overridden only by what is given here.
 
-    A `context_tokens` replaces the id's `num_documents` (an id pads to one or the other); `extra`
-    (eval.py's ablations, --env-kwargs) goes in last.
+    `context_tokens` None or 0 keeps the id's document length. An id that pads by document count
+    (`num_documents`) takes no token length unless it is single-question (the length then replaces
+    the count); `extra` (eval.py's ablations, --env-kwargs) goes in last.
     """
     if env_id not in atommem_env.ENV_IDS:
         raise ValueError(f"unknown env id {env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
+    registered = atommem_env.ENV_IDS[env_id]
+    if context_tokens and registered.get("multi_query"):
+        raise ValueError(f"{env_id} pads by document count (num_documents={registered.get('num_documents')}), not by "
+                         "tokens: give the context length 0 for its registered setting, and num_documents through "
+                         "the env kwargs to change it")
+    context_tokens = context_tokens or None
     kwargs: dict = {"split": split}
     if data_path:
         kwargs["data_path"] = data_path
@@ -38,7 +45,7 @@ def make_env_kwargs(env_id: str, *, split: str, data_path: str | None = None, em
         kwargs["embedder"] = embedder
     if context_tokens is not None:
         kwargs["context_tokens"] = context_tokens
-        if atommem_env.ENV_IDS[env_id].get("num_documents") is not None:
+        if registered.get("num_documents") is not None:
             kwargs["num_documents"] = None
     if chunk_tokens is not None:
         kwargs["chunk_tokens"] = chunk_tokens
