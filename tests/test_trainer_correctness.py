@@ -186,6 +186,14 @@ def test_sampling_ignores_the_models_generation_config_processors():
     # top_k=1 from the config would make every sampled token the argmax: a random tiny model's argmax has
     # probability ~1e-3, so sampling from softmax(logits / T) picks it almost never.
     assert np.mean([lp > -1.0 for g in generations for lp in g.logprobs]) < 0.2
+    # Greedy decoding is the argmax of the raw logits at every step: no penalty, no n-gram ban moved it.
+    config.no_repeat_ngram_size = 1
+    generator.temperature = 0.0
+    samples = [train_grpo.StepSample(g.prompt_ids, g.completion_ids, g.logprobs, 0)
+               for g in generator.generate([[{"role": "user", "content": f"question {i}"}] for i in range(4)])]
+    with torch.no_grad():
+        _, _, is_argmax = scorer(**pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], 0))
+    assert all(is_argmax[row, :len(s.completion_ids)].all() for row, s in enumerate(samples))
 
 
 # 7: multi-process SFT survives long evaluations.
