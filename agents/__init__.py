@@ -15,10 +15,20 @@ READER_POLICIES = ("no-memory", "memagent", "rag", "write-only", "read-only")
 
 def make_generator(model: str, *, endpoint: str | None = None, adapter: str | None = None, device: str = "auto",
                    dtype: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
-                   max_prompt_tokens: int | None = None, timeout: float = 60.0):
-    """An HF model (id, path, 'tiny', 'smollm2'), or with `endpoint` an OpenAI-compatible server."""
+                   max_prompt_tokens: int | None = None, timeout: float = 60.0, backend: str = "hf", seed: int = 0):
+    """An HF model (id, path, 'tiny', 'smollm2') run by transformers (backend "hf") or by a vLLM engine in this
+    process ("vllm"), or with `endpoint` an OpenAI-compatible server."""
     if endpoint:
         return OpenAIGenerator(endpoint, model, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout)
+    if backend == "vllm":
+        from .models import load_tokenizer
+        from .vllm_backend import VLLMEngine, VLLMGenerator, hf_directory
+
+        engine = VLLMEngine(hf_directory(model, adapter=adapter), dtype=dtype, seed=seed)
+        return VLLMGenerator(engine, load_tokenizer(adapter or model), max_new_tokens=max_new_tokens,
+                             temperature=temperature, max_prompt_tokens=max_prompt_tokens)
+    if backend != "hf":
+        raise ValueError(f"backend must be hf or vllm, got {backend!r}")
     return HFGenerator.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
                                        max_new_tokens=max_new_tokens, temperature=temperature,
                                        max_prompt_tokens=max_prompt_tokens)

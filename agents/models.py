@@ -139,6 +139,19 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     return tokenizer
 
 
+def _without_gguf_marker(model, dtype: torch.dtype):
+    """The same weights in a plain model. transformers dequantizes GGUF weights on load but keeps the model
+    marked quantized, and then refuses to save it ("not serializable"): a trained SmolLM2 could not be saved."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 def merged_adapters_of(checkpoint: str | Path) -> list[Path]:
     """The LoRA adapters a checkpoint's own adapter sits on (merged into its base first), in order."""
     base_file = Path(checkpoint) / BASE_MODEL_FILE
@@ -180,6 +193,8 @@ def load_causal_lm(name_or_path: str, *, gguf_file: str | None = None, adapter: 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     except OSError as err:
         raise ValueError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
+    if gguf:
+        model = _without_gguf_marker(model, torch_dtype)
     tokenizer = load_tokenizer(tokenizer_from or name_or_path, None if tokenizer_from else gguf_file)
     for directory in [*merged_adapters, *([adapter] if adapter is not None else [])]:
         if not (Path(directory) / "adapter_config.json").is_file():

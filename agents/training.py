@@ -130,6 +130,35 @@ def make_accelerator(bf16: bool | None, device: str):
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
 
 
+def check_backend_args(args) -> None:
+    if args.backend not in ("hf", "vllm") or args.vllm_dtype not in ("auto", "float32", "bfloat16"):
+        raise SystemExit("error: --backend must be hf or vllm, --vllm-dtype auto, float32 or bfloat16")
+
+
+def start_vllm_engine(args, accelerator, model, base_model: str, base_gguf: str | None):
+    """With --backend vllm: this process's engine, holding the model's current weights; else None.
+
+    The engine starts from the base model's files (written once as a Hugging Face directory if it is a
+    GGUF file); the trainer's weights are loaded right away, so a checkpoint or a LoRA start is what it runs.
+    """
+    if args.backend != "vllm":
+        return None
+    from .vllm_backend import VLLMEngine, hf_directory
+
+    try:
+        if accelerator.is_main_process:  # the others then reuse the written directory
+            hf_directory(base_model, base_gguf)
+        accelerator.wait_for_everyone()
+        computes_bf16 = args.dtype == "bfloat16" or accelerator.mixed_precision == "bf16"
+        dtype = args.vllm_dtype if args.vllm_dtype != "auto" else "bfloat16" if computes_bf16 else "float32"
+        engine = VLLMEngine(hf_directory(base_model, base_gguf), dtype=dtype, seed=args.seed + accelerator.process_index,
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+    engine.load_weights(model)
+    return engine
+
+
 def check_env_args(env_id: str, data_path: str | None) -> None:
     """Exits with a clear message for an unknown id or a dataset id without an existing data file."""
     import atommem_env
@@ -245,9 +274,10 @@ def trainer_env_kwargs(args, split: str, context_tokens: int | None) -> dict:
                            context_tokens=context_tokens, chunk_tokens=args.chunk_tokens)
 
 
-def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator) -> dict:
+def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator, engine=None) -> dict:
     """Greedy held-out evaluation of the model as an LLM policy, shared by all processes; the main one logs.
 
+    With a vLLM `engine` (agents.vllm_backend), it generates there, after loading the model's weights.
     Returns {length label: summary} on the main process, {} on the others.
     """
     from accelerate.utils import gather_object
@@ -257,8 +287,15 @@ def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator) -> 
                              summarize)
     from .policies import LLMPolicy
 
-    generator = HFGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens,
-                            max_prompt_tokens=args.max_prompt_tokens)
+    if engine is not None:
+        from .vllm_backend import VLLMGenerator
+
+        engine.load_weights(model)
+        generator = VLLMGenerator(engine, tokenizer, max_new_tokens=args.eval_max_new_tokens,
+                                  max_prompt_tokens=args.max_prompt_tokens)
+    else:
+        generator = HFGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens,
+                                max_prompt_tokens=args.max_prompt_tokens)
     policy = LLMPolicy(generator, protocol_of(args.env_id))
     was_training = model.training
     model.eval()

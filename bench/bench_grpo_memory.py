@@ -10,12 +10,18 @@ grpo_loss, backward, AdamW step) in micro-batches of `--micro-batch`. It prints 
 memory above the memory after loading (CPU) or the peak CUDA allocation above it (GPU). The growth
 the old code had was vocab x new tokens x batch x 4 bytes in generation (fp32 logits of every step,
 stacked and copied) and again in the update (logits of the whole width).
+
+Cells run with MALLOC_MMAP_THRESHOLD_=131072: glibc otherwise serves the per-step 1-4 MB tensors
+from its heap, whose freed pages stay resident as fragments and make RSS grow with the number of
+steps even though no tensor is held (measured: 663 MB vs 0 MB rollout growth at vocab 32k x 1024
+tokens). The variable makes RSS reflect what the code holds; it helps long CPU runs too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -108,7 +114,8 @@ def main() -> None:
     for vocab in args.vocab:
         for new_tokens in args.new_tokens:
             cell = json.dumps([vocab, new_tokens, args.batch, args.micro_batch])
-            out = subprocess.run([sys.executable, __file__, "--cell", cell], capture_output=True, text=True)
+            out = subprocess.run([sys.executable, __file__, "--cell", cell], capture_output=True, text=True,
+                                 env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
             if out.returncode != 0:
                 raise SystemExit(f"cell vocab={vocab} new_tokens={new_tokens} failed:\n{out.stderr[-2000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
