@@ -7,12 +7,9 @@ of episodes goes on when one request fails; the caller decides what a failure me
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-import json
 import os
-import socket
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 
 import torch
@@ -137,52 +134,63 @@ class HFGenerator:
 
 
 class OpenAIGenerator:
-    """Chat completions from an OpenAI-compatible server (vLLM, `transformers serve`, hosted APIs).
+    """Chat completions from an OpenAI-compatible server (`vllm serve`, `transformers serve`, hosted APIs).
 
-    `base_url` like "http://127.0.0.1:8000/v1"; the key comes from `api_key` or $OPENAI_API_KEY.
-    Requests go one by one with a time-out and `max_retries` retries on connection errors and 5xx.
+    `base_url` like "http://127.0.0.1:8000/v1"; the key comes from `api_key` or $OPENAI_API_KEY. A batch
+    goes out concurrently (at most `max_concurrency` requests at a time) on the `openai` client, which
+    retries connection errors, 429 and 5xx with exponential back-off (`max_retries`, honouring
+    Retry-After). `timeout` is a total deadline per request, retries included: a server that trickles
+    bytes cannot hold a request past it. Any failure comes back as a Generation with `error`.
     """
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-                 max_new_tokens: int = 128, temperature: float = 0.0, timeout: float = 60.0, max_retries: int = 1):
+                 max_new_tokens: int = 128, temperature: float = 0.0, timeout: float = 60.0, max_retries: int = 3,
+                 max_concurrency: int = 16):
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL (or set OPENAI_BASE_URL), got {self.base_url!r}")
         self.model = model or os.environ.get("OPENAI_MODEL")
         if not self.model:
             raise ValueError("an OpenAI-compatible endpoint needs a model name (model= or OPENAI_MODEL)")
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        if timeout <= 0 or max_retries < 0 or max_concurrency <= 0:
+            raise ValueError("timeout and max_concurrency must be positive, max_retries >= 0")
+        # A local server needs no key, but the client insists on one.
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or "none"
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.timeout = timeout
         self.max_retries = max_retries
+        self.max_concurrency = max_concurrency
 
-    def _request(self, messages: list[dict]) -> Generation:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens,
-                           "temperature": self.temperature}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        error = ""
-        for _ in range(self.max_retries + 1):
-            request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode())
-                return Generation(text=payload["choices"][0]["message"]["content"] or "")
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode(errors="replace")[:200]
-                error = f"HTTP {err.code} from {self.base_url}: {detail}"
-                if err.code < 500:
-                    break
-            except (socket.timeout, TimeoutError):
-                error = f"no reply from {self.base_url} within {self.timeout} s"
-            except urllib.error.URLError as err:
-                error = f"cannot reach {self.base_url}: {err.reason}"
-            except (ValueError, KeyError, IndexError, TypeError) as err:
-                error = f"malformed reply from {self.base_url}: {err!r}"
-                break
+    async def _request(self, client, limit: asyncio.Semaphore, messages: list[dict]) -> Generation:
+        import openai
+
+        try:
+            async with limit:
+                response = await asyncio.wait_for(client.chat.completions.create(
+                    model=self.model, messages=messages, max_tokens=self.max_new_tokens,
+                    temperature=self.temperature), self.timeout)
+            content = response.choices[0].message.content
+            if content is not None and not isinstance(content, str):
+                raise TypeError(f"message content is {type(content).__name__}, not text")
+            return Generation(text=content or "")
+        except asyncio.TimeoutError:
+            error = f"no complete reply from {self.base_url} within {self.timeout} s"
+        except openai.APIStatusError as err:
+            error = f"HTTP {err.status_code} from {self.base_url}: {str(err.message)[:200]}"
+        except openai.APIConnectionError as err:
+            error = f"cannot reach {self.base_url} or the connection broke: {err.__cause__ or err}"
+        except (openai.APIResponseValidationError, AttributeError, IndexError, KeyError, TypeError, ValueError) as err:
+            error = f"malformed reply from {self.base_url}: {err!r}"[:300]
         return Generation(text="", error=error)
 
+    async def _generate(self, conversations: list[list[dict]]) -> list[Generation]:
+        import openai
+
+        limit = asyncio.Semaphore(self.max_concurrency)
+        async with openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=self.max_retries,
+                                      timeout=self.timeout) as client:
+            return list(await asyncio.gather(*[self._request(client, limit, c) for c in conversations]))
+
     def generate(self, conversations: list[list[dict]]) -> list[Generation]:
-        return [self._request(c) for c in conversations]
+        return asyncio.run(self._generate(conversations)) if conversations else []

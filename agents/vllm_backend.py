@@ -140,6 +140,11 @@ class VLLMGenerator:
     def encode_prompt(self, messages: list[dict]) -> tuple[list[int], int]:
         return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens)
 
+    def sampling_params(self, vllm):
+        """Temperature (and top_p) only; one log-prob per token, the sampled one's."""
+        return vllm.SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
+                                   logprobs=0, stop_token_ids=[self.tokenizer.eos_token_id])
+
     def generate(self, conversations: list[list[dict]]) -> list[Generation]:
         if not conversations:
             return []
@@ -147,8 +152,7 @@ class VLLMGenerator:
         from vllm.inputs import TokensPrompt
 
         encoded = [self.encode_prompt(c) for c in conversations]
-        params = vllm.SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
-                                     logprobs=0, stop_token_ids=[self.tokenizer.eos_token_id])
+        params = self.sampling_params(vllm)
         # A prompt the cut rule could not bring under budget (memory is never cut) may not fit the engine:
         # it fails its episode instead of the whole batch.
         room = self.engine.max_model_len - self.max_new_tokens

@@ -115,33 +115,64 @@ def test_make_policy_errors():
 
 
 class _ChatServer(BaseHTTPRequestHandler):
-    """/v1: answers with the tiny model; /slow/v1: sleeps past the client's time-out; /broken/v1: HTTP 500;
-    /garbled/v1: 200 with a body that is not a chat completion."""
+    """A server that misbehaves on purpose, by path prefix: /v1 answers with the tiny model; /slow sleeps past the
+    deadline; /broken answers HTTP 500; /garbled 200 without choices; /trickle sends its reply one byte every
+    0.2 s; /cut closes the connection mid-reply; /hangup closes it without a reply; /number and /list send such
+    content; /busy answers 429 to every other request."""
 
     generator = None
+    busy_calls = 0
 
     def log_message(self, *args):
         pass
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path.startswith("/slow"):
-            time.sleep(1.5)
-        if self.path.startswith("/broken"):
-            self.send_response(500)
-            self.end_headers()
-            self.wfile.write(b"internal error")
-            return
-        if self.path.startswith("/garbled"):
-            payload = {"nothing": "here"}
-        else:
-            text = self.generator.generate([body["messages"]])[0].text
-            payload = {"choices": [{"message": {"role": "assistant", "content": text}}], "model": body["model"]}
+    def _reply(self, payload: dict) -> bytes:
         data = json.dumps(payload).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        return data
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        path = self.path
+        if path.startswith("/hangup"):
+            self.close_connection = True
+            return
+        if path.startswith("/slow"):
+            time.sleep(1.5)
+        if path.startswith("/broken"):
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"internal error")
+            return
+        if path.startswith("/busy"):
+            type(self).busy_calls += 1
+            if self.busy_calls % 2:
+                self.send_response(429)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        content = {"/number": 42, "/list": ["a", "b"]}.get(path[:path.index("/v1")], None)
+        if content is None and not path.startswith("/garbled"):
+            content = self.generator.generate([body["messages"]])[0].text
+        message = {"role": "assistant", "content": content}
+        data = self._reply({"nothing": "here"} if path.startswith("/garbled") else
+                           {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        if path.startswith("/cut"):
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        if path.startswith("/trickle"):
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
         self.wfile.write(data)
 
 
@@ -149,6 +180,7 @@ class _ChatServer(BaseHTTPRequestHandler):
 def chat_server(tiny_generator):
     _ChatServer.generator = tiny_generator
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatServer)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -160,16 +192,34 @@ def test_openai_client_against_a_loopback_server(chat_server, tiny_generator):
     messages = [{"role": "user", "content": "hello"}]
     reply = client.generate([messages])[0]
     assert reply.error is None and reply.text == tiny_generator.generate([messages])[0].text
-    slow = OpenAIGenerator(f"{chat_server}/slow/v1", "tiny", timeout=0.5, max_retries=0).generate([messages])[0]
-    assert slow.text == "" and "within 0.5 s" in slow.error
-    broken = OpenAIGenerator(f"{chat_server}/broken/v1", "tiny", max_retries=0).generate([messages])[0]
-    assert "HTTP 500" in broken.error
-    garbled = OpenAIGenerator(f"{chat_server}/garbled/v1", "tiny").generate([messages])[0]
-    assert "malformed reply" in garbled.error
-    closed = OpenAIGenerator("http://127.0.0.1:9/v1", "tiny", max_retries=0).generate([messages])[0]
-    assert "cannot reach" in closed.error
     with pytest.raises(ValueError, match="base_url"):
         OpenAIGenerator("localhost:8000", "m")
+
+
+@pytest.mark.parametrize("path, retries, message", [
+    ("slow", 0, "within 1.0 s"),
+    ("trickle", 0, "within 1.0 s"),  # a per-read time-out never fires on a trickle; the total deadline does
+    ("broken", 0, "HTTP 500"),
+    ("garbled", 0, "malformed reply"),
+    ("number", 0, "malformed reply"),
+    ("list", 0, "malformed reply"),
+    ("cut", 1, "connection broke"),
+    ("hangup", 1, "connection broke"),
+])
+def test_openai_client_failures_become_errors_within_the_deadline(chat_server, path, retries, message):
+    client = OpenAIGenerator(f"{chat_server}/{path}/v1", "tiny", timeout=1.0, max_retries=retries)
+    started = time.perf_counter()
+    replies = client.generate([[{"role": "user", "content": f"hello {i}"}] for i in range(3)])
+    assert time.perf_counter() - started < 3.0  # concurrent requests, each bounded by its deadline
+    assert all(r.text == "" and message in r.error for r in replies), replies[0].error
+
+
+def test_openai_client_retries_429_then_succeeds(chat_server):
+    replies = OpenAIGenerator(f"{chat_server}/busy/v1", "tiny", max_retries=2).generate(
+        [[{"role": "user", "content": "hello"}]] * 2)
+    assert all(r.error is None for r in replies)
+    assert OpenAIGenerator("http://127.0.0.1:9/v1", "tiny", max_retries=0).generate(
+        [[{"role": "user", "content": "x"}]])[0].error.startswith("cannot reach")
 
 
 def _eval(*flags, timeout=600):
@@ -196,12 +246,14 @@ def test_eval_is_deterministic(tmp_path):
     assert strip(tmp_path / "a" / "eval.json") == strip(tmp_path / "b" / "eval.json")
 
 
-def test_eval_marks_failed_episodes_and_goes_on(chat_server, tmp_path):
-    result = _eval("--policies", "rag", "--endpoint", f"{chat_server}/broken/v1", "--model", "tiny",
-                   "--output-dir", str(tmp_path))
+@pytest.mark.parametrize("path, message", [("broken", "HTTP 500"), ("cut", "connection broke"),
+                                           ("number", "malformed reply")])
+def test_eval_marks_failed_episodes_and_goes_on(chat_server, tmp_path, path, message):
+    result = _eval("--policies", "rag", "--endpoint", f"{chat_server}/{path}/v1", "--model", "tiny",
+                   "--request-timeout", "5", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     cell = json.loads((tmp_path / "eval.json").read_text())["results"]["rag"]["300"]
-    assert cell["failed_episodes"] == 2 and "HTTP 500" in cell["failures"][0] and cell["em"] == 0.0
+    assert cell["failed_episodes"] == 2 and message in cell["failures"][0] and cell["em"] == 0.0
 
 
 @pytest.mark.parametrize("flags, message", [

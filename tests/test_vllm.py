@@ -123,3 +123,65 @@ def test_eval_with_the_vllm_backend(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert results["llm"]["300"]["episodes"] == results["rag"]["300"]["episodes"] == 2
+
+
+def test_eval_against_vllm_serve_on_loopback(tmp_path):
+    """The endpoint policy against a real OpenAI-compatible server: `vllm serve` on 127.0.0.1 with the tiny model."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    pytest.importorskip("vllm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", vllm_backend.hf_directory("tiny"),
+         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--gpu-memory-utilization", "0.3"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "vllm serve did not come up in 300 s"
+                time.sleep(2)
+        result = _run("eval.py", "--policies", "llm", "rag", "--endpoint", f"http://127.0.0.1:{port}/v1", "--model",
+                      "tiny", "--env-id", "AtomMem/SyntheticEasy-v0", "--embedder", "hashing", "--num-episodes", "2",
+                      "--num-envs", "2", "--context-tokens", "300", "--max-new-tokens", "8", "--output-dir",
+                      str(tmp_path / "report"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        results = json.loads((tmp_path / "report" / "eval.json").read_text())["results"]
+        for policy in ("llm", "rag"):
+            assert results[policy]["300"]["episodes"] == 2 and results[policy]["300"]["failed_episodes"] == 0
+        assert results["rag"]["300"]["ops_per_episode"]["answer"] == 1.0  # the server's replies were parsed
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def test_grpo_with_vllm_in_two_processes(tmp_path):
+    """Every process has its own engine and generates for its own groups; both get the weights after each update."""
+    pytest.importorskip("vllm")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_grpo.py",
+         "--device", "cpu", "--backend", "vllm", "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300",
+         "--num-iterations", "2", "--tasks-per-iteration", "2", "--group-size", "2", "--max-new-tokens", "8",
+         "--eval-episodes", "2", "--num-envs", "1", "--eval-max-new-tokens", "8", "--minibatch-size", "4",
+         "--save-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = list(tmp_path.iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and [h["iteration"] for h in summary["eval_history"]] == [0, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(run))
+    logs.Reload()
+    assert max(e.value for e in logs.Scalars("rollout/logprob_diff_max")) < SYNC_BOUND
