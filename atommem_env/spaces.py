@@ -5,6 +5,9 @@ default), so documents with spaces, punctuation or accents fall outside it. This
 `Text`'s interface (and so its vector-env batching) but accepts every string, and `sample()`
 draws strings from a charset of ASCII printables, markup characters and a few non-ASCII
 letters, at most `sample_max_length` long so that samples of a 1M-character space stay small.
+
+Shared memory (AsyncVectorEnv's default) would reserve `max_length` characters per field and env:
+gigabytes for a document field. Asking for it raises at once with what to do instead.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.vector.utils.shared_memory import create_shared_memory
 
 SAMPLE_CHARSET = string.printable + "éüßøñçłžЖж中文"
 
@@ -39,3 +43,11 @@ class UnicodeText(spaces.Text):
     def __eq__(self, other: Any) -> bool:
         return (isinstance(other, UnicodeText) and self.min_length == other.min_length
                 and self.max_length == other.max_length)
+
+
+@create_shared_memory.register(UnicodeText)
+def _refuse_shared_memory(space: UnicodeText, n: int = 1, ctx=None):
+    raise ValueError(
+        f"AtomMem observations are text of up to {space.max_length:,} characters, too large for shared memory: "
+        "use gym.make_vec(..., vectorization_mode='async', vector_kwargs={'shared_memory': False}), "
+        "or AsyncVectorEnv(..., shared_memory=False)")

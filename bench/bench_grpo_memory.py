@@ -108,7 +108,7 @@ def main() -> None:
     if args.cell:
         print(json.dumps(one_cell(*json.loads(args.cell))))
         return
-    print(f"batch {args.batch}, micro-batch {args.micro_batch}; MB above the memory after loading the model")
+    print(f"batch {args.batch}, micro-batch {args.micro_batch}; MB above the memory after a warm-up rollout + update")
     print("| vocab | new tokens | vocab x new tokens x batch x 4 B (MB) | rollout peak (MB) | rollout + update peak (MB) |")
     print("|---|---|---|---|---|")
     for vocab in args.vocab:

@@ -22,7 +22,7 @@ def test_malformed_tags_become_errors_and_the_rest_still_parses():
     assert result.ops == [Read("ok")]
     assert len(result.errors) == 7
     joined = "\n".join(result.errors)
-    for fragment in ['needs a id="..."', "id must be an integer", "takes no text", "non-empty text",
+    for fragment in ['needs a id="..."', "id must be written with the digits 0-9", "takes no text", "non-empty text",
                      "stray </create>", "q must be >= 1", "never closed"]:
         assert fragment in joined
 
