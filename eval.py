@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -46,14 +46,14 @@ class Args:
     """chunk size (default: the env id's)"""
     top_k: int | None = None
     """entries per Read (default: the env id's)"""
-    no_update: bool = False
-    """ablation: disable Update"""
-    no_delete: bool = False
-    """ablation: disable Delete"""
-    no_scratchpad: bool = False
-    """ablation: disable the scratchpad"""
-    no_vector_store: bool = False
-    """ablation: disable the vector store (Create/Read/Update/Delete)"""
+    update: bool = True
+    """Update on (--no-update: the paper's ablation without it)"""
+    delete: bool = True
+    """Delete on (--no-delete: ablation)"""
+    scratchpad: bool = True
+    """the scratchpad on (--no-scratchpad: ablation)"""
+    vector_store: bool = True
+    """the vector store on (--no-vector-store: ablation without Create/Read/Update/Delete)"""
     embedder: str = "minilm"
     """memory embedder: minilm, hashing, or st:<sentence-transformers model>"""
     model: str = "smollm2"
@@ -76,27 +76,38 @@ class Args:
     dtype: str = "auto"
     """model dtype: auto (bf16 on GPUs that have it, else fp32), float32, bfloat16, float16"""
     output_dir: str = "reports"
-    """where report.json, report.md and em_vs_context.png go"""
+    """where <exp-name>.json, <exp-name>.md and <exp-name>_em_vs_context.png go"""
     exp_name: str = "eval"
     """name of this evaluation (the report file prefix)"""
-    env_kwargs: dict = field(default_factory=dict)
-    """extra keyword arguments for gym.make (JSON on the command line)"""
+    env_kwargs: str = "{}"
+    """extra keyword arguments for gym.make, as a JSON object: '{"top_k": 3, "max_entries": null}'"""
 
 
 def env_kwargs(args: Args, context_tokens: int) -> dict:
     extra: dict = {}
     if args.top_k is not None:
         extra["top_k"] = args.top_k
-    disabled = {op for op, off in (("update", args.no_update), ("delete", args.no_delete)) if off}
+    disabled = {op for op, on in (("update", args.update), ("delete", args.delete)) if not on}
     if disabled:
         extra["enabled_ops"] = tuple(op for op in atommem_env.env.ALL_OPS if op not in disabled)
-    if args.no_scratchpad:
+    if not args.scratchpad:
         extra["use_scratchpad"] = False
-    if args.no_vector_store:
+    if not args.vector_store:
         extra["use_vector_store"] = False
-    extra.update(args.env_kwargs)
+    extra.update(parse_env_kwargs(args.env_kwargs))
     return make_env_kwargs(args.env_id, split=args.split, data_path=args.data_path, embedder=args.embedder,
                            context_tokens=context_tokens, chunk_tokens=args.chunk_tokens, extra=extra)
+
+
+def parse_env_kwargs(text: str) -> dict:
+    """--env-kwargs: a JSON object, so numbers, booleans and null arrive typed."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--env-kwargs must be a JSON object like '{{\"top_k\": 3}}': {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--env-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    return kwargs
 
 
 def prompt_budget(args: Args) -> int:
@@ -165,7 +176,7 @@ if __name__ == "__main__":
     try:  # fail before any model loads if the env arguments are wrong
         for length in args.context_tokens:
             gym.make(args.env_id, **env_kwargs(args, length)).close()
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: an argument the env does not take
         raise SystemExit(f"error: {err}")
 
     protocol = protocol_of(args.env_id)
@@ -188,6 +199,7 @@ if __name__ == "__main__":
     with tqdm(total=total, desc="episodes") as progress:
         for name in args.policies:
             for length in args.context_tokens:
+                progress.set_description(f"{name} @ {length_label(args.env_id, length or None)}")
                 policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed)
                 results.setdefault(name, {})[length_label(args.env_id, length or None)] = evaluate_policy(
                     policy, args.env_id, env_kwargs(args, length), args.num_episodes, args.num_envs, args.seed,

