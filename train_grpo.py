@@ -242,19 +242,21 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, a
 
 
 @torch.no_grad()
-def trainer_logprobs(scorer, samples: list[StepSample], pad_id: int, temperature: float, device, micro_batch: int):
-    """vLLM rollouts: the trainer's log-probs of the sampled tokens become old_logprobs (the sampler's are kept
-    for the importance weights). Returns (mean, max) absolute gap between the two, over all tokens."""
-    gaps, largest = [], 0.0
+def trainer_logprobs(scorer, samples: list[StepSample], pad_id: int, temperature: float, device,
+                     micro_batch: int) -> None:
+    """vLLM rollouts: the trainer's log-probs of the sampled tokens become old_logprobs; the sampler's are kept
+    for the importance weights and the sync check."""
     for begin in range(0, len(samples), micro_batch):
         batch = samples[begin:begin + micro_batch]
-        logprobs, _, mask = token_logprobs(scorer, batch, pad_id, temperature, device)
+        logprobs, _, _ = token_logprobs(scorer, batch, pad_id, temperature, device)
         for row, s in enumerate(batch):
             s.sampler_logprobs, s.old_logprobs = s.old_logprobs, logprobs[row, :len(s.completion_ids)].tolist()
-            gap = np.abs(np.array(s.old_logprobs) - np.array(s.sampler_logprobs))
-            gaps.append(gap)
-            largest = max(largest, float(gap.max()))
-    return float(np.concatenate(gaps).mean()) if gaps else 0.0, largest
+
+
+def logprob_gap(samples: list[StepSample]) -> tuple[float, float]:
+    """(mean, max) absolute gap between the trainer's and the sampler's log-probs, over all tokens."""
+    gaps = np.concatenate([np.abs(np.subtract(s.old_logprobs, s.sampler_logprobs)) for s in samples])
+    return float(gaps.mean()), float(gaps.max())
 
 
 def sampling_weights(samples: list[StepSample], like: torch.Tensor, cap: float) -> torch.Tensor | None:
@@ -384,8 +386,12 @@ if __name__ == "__main__":
         with accelerator.autocast():
             samples, episodes = rollout(envs, policy, [int(t) for t in tasks],
                                         seed=args.seed * 100_003 + iteration + first_env, first_episode=first_env)
+        rollout_time = time.time() - rollout_start  # generation and env steps only
+        if engine is not None:  # the trainer's log-probs of vLLM's tokens, for this process's samples
+            with accelerator.autocast():
+                trainer_logprobs(accelerator.unwrap_model(scorer), samples, tokenizer.pad_token_id,
+                                 args.temperature, device, args.micro_batch_size)
         samples, episodes = gather_object(samples), gather_object(episodes)
-        rollout_time = time.time() - rollout_start
         # 2. Advantages: one per episode, relative to its group, given to every step of the episode.
         rewards = np.array([e[args.reward] - args.format_penalty * e["invalid_ops"] for e in episodes])
         advantages, zero_std = group_advantages(rewards, args.group_size, args.scale_rewards)
@@ -393,10 +399,6 @@ if __name__ == "__main__":
             s.advantage = float(advantages[s.episode])
             s.weight = 1.0 / episodes[s.episode]["num_steps"] if args.episode_weighting == "equal" else 1.0
         mean_weight = float(np.mean([s.weight for s in samples]))
-        if engine is not None:  # trainer log-probs of vLLM's tokens: the ratio's denominator and the sync check
-            with accelerator.autocast():
-                logprob_gap = trainer_logprobs(accelerator.unwrap_model(scorer), samples, tokenizer.pad_token_id,
-                                               args.temperature, device, args.micro_batch_size)
         # 3. Update. Every sample counts in the denominators, as in TRL; one with zero advantage carries no
         #    gradient when beta = 0, so its forward pass is skipped. Each process takes every world-th sample
         #    of a minibatch in micro-batches (gradients accumulate, then are averaged over processes); one left
@@ -471,8 +473,9 @@ if __name__ == "__main__":
                 writer.add_scalar(f"rollout/ops_{op}_per_episode", np.mean([e["ops"][op] for e in episodes]), iteration)
             writer.add_scalar("rollout/response_length", float(np.mean(response_lengths)), iteration)
             if engine is not None:
-                writer.add_scalar("rollout/logprob_diff_mean", logprob_gap[0], iteration)
-                writer.add_scalar("rollout/logprob_diff_max", logprob_gap[1], iteration)
+                gap_mean, gap_max = logprob_gap(samples)
+                writer.add_scalar("rollout/logprob_diff_mean", gap_mean, iteration)
+                writer.add_scalar("rollout/logprob_diff_max", gap_max, iteration)
             for key, values in stats.items():
                 if values:
                     writer.add_scalar(f"losses/{'policy_loss' if key == 'loss' else key}", float(np.mean(values)), iteration)
