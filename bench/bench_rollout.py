@@ -72,6 +72,7 @@ def main() -> None:
     from agents import HFGenerator
     from agents.models import load_causal_lm
     from agents.vllm_backend import VLLMEngine, VLLMGenerator, hf_directory
+    from bench_grpo_memory import NeverStops  # this folder is on sys.path when run as a script
 
     FixedLength = fixed_length(VLLMGenerator)
     conversations = prompts(args.prompts)
@@ -82,8 +83,7 @@ def main() -> None:
     for name in args.models:
         directory = hf_directory(name)
         model, tokenizer = load_causal_lm(directory, device="cpu", dtype="float32")
-        never_stops = type("NeverStops", (), {"__getattr__": lambda self, key: getattr(tokenizer, key),
-                                              "eos_token_id": -1})()
+        never_stops = NeverStops(tokenizer)
         rates = {}
         for dtype in ("float32", "bfloat16"):
             generator = HFGenerator(model, never_stops, max_new_tokens=args.new_tokens, temperature=1.0)
