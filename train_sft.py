@@ -39,8 +39,9 @@ class Args:
     """the env id (teacher rollouts use its train split, evaluation its eval split)"""
     data_path: str | None = None
     """dataset file for the HotpotQA / 2Wiki / MuSiQue ids"""
-    context_tokens: int | None = None
-    """document length of training episodes (default: the env id's registered setting)"""
+    context_tokens: tuple[int, ...] = ()
+    """document lengths of teacher episodes: train task i gets lengths[i % len(lengths)], so `400 400 800` makes
+    two thirds 400 tokens (default: the env id's registered setting)"""
     chunk_tokens: int | None = None
     """chunk size of training and evaluation episodes (default: the env id's registered setting)"""
     embedder: str = "hashing"
@@ -120,7 +121,8 @@ class Args:
 
 
 def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
-    """Runs the teacher on train-split tasks 0..N-1; one sample per step of every kept episode."""
+    """Runs the teacher on train-split tasks 0..N-1 (each at its --context-tokens length); one sample per step of
+    every kept episode."""
     protocol = protocol_of(args.env_id)
     needs_model = args.teacher not in ("oracle", "random", "noop")
     try:
@@ -128,10 +130,14 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
                               generator=make_generator(args.teacher_model, device="cpu") if needs_model else None)
     except ValueError as err:
         raise SystemExit(f"error: --teacher {args.teacher}: {err}")
-    schedules = episode_schedules(args.num_train_episodes, args.num_envs)
-    envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "train", args.context_tokens), len(schedules))
-    episodes = run_episodes(envs, teacher, schedules, seed=args.seed, keep_steps=True)
-    envs.close()
+    lengths = args.context_tokens or (None,)
+    episodes = []
+    for length in dict.fromkeys(lengths):
+        tasks = [i for i in range(args.num_train_episodes) if lengths[i % len(lengths)] == length]
+        schedules = [[tasks[j] for j in schedule] for schedule in episode_schedules(len(tasks), args.num_envs)]
+        envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "train", length), len(schedules))
+        episodes += run_episodes(envs, teacher, schedules, seed=args.seed, keep_steps=True)
+        envs.close()
     samples = [{"messages": output.messages or build_messages(observation, protocol), "completion": output.text}
                for e in sorted(episodes, key=lambda e: e["task_index"]) if e["em"] == 1.0 or not args.only_successful
                for observation, output in e["steps"]]

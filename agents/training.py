@@ -301,7 +301,9 @@ def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator, eng
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     results = {}
-    for length in args.eval_context_tokens or (args.context_tokens,):
+    # SFT trains on a tuple of lengths, GRPO on one length (or None: the id's own).
+    trained = args.context_tokens if isinstance(args.context_tokens, tuple) else (args.context_tokens,)
+    for length in args.eval_context_tokens or dict.fromkeys(trained or (None,)):
         schedules = episode_schedules(args.eval_episodes, args.num_envs, rank, world)
         envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "eval", length), args.num_envs)
         with accelerator.autocast():

@@ -56,7 +56,7 @@ def test_both_trainers_run_on_dataset_ids_with_their_registered_settings(env_id,
     label = "200docs" if "MultiQuery" in env_id else "default"
     assert summary["eval"][label]["prompt_cut_rate"] > 0  # 4000-token chunks against a 512-token budget
     args = json.loads((run / "checkpoint" / "args.json").read_text())
-    assert args["chunk_tokens"] is None and args["context_tokens"] is None  # the id's own settings
+    assert args["chunk_tokens"] is None and args["context_tokens"] == []  # the id's own settings
     grpo = _run("train_grpo.py", *data, *GRPO_TINY, "--model", str(run / "checkpoint"), "--save-dir", str(tmp_path / "g"))
     assert grpo.returncode == 0, grpo.stderr[-3000:]
     _, summary = _summary(tmp_path / "g")

@@ -318,3 +318,14 @@ def test_task_schedule_slots_put_groups_on_one_task():
 
 
 assert train_grpo.Args().loss_type == "grpo"
+
+
+def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
+    import train_sft
+
+    args = train_sft.Args(env_id="AtomMem/SyntheticEasy-v0", context_tokens=(300, 300, 600), num_train_episodes=6,
+                          num_envs=2)
+    samples, stats = train_sft.collect_teacher_samples(args)
+    firsts = [s["messages"][-1]["content"] for s in samples if "\n\nChunk 1 of " in s["messages"][-1]["content"]]
+    assert stats["teacher_episodes"] == 6
+    assert sum("Chunk 1 of 2:" in text for text in firsts) == 4 and sum("Chunk 1 of 3:" in text for text in firsts) == 2
