@@ -91,11 +91,12 @@ class RandomPolicy(Policy):
 class OraclePolicy(Policy):
     """Uses the task's supporting facts: the upper bound, and the teacher for SFT.
 
-    While reading, it creates an entry for every supporting sentence in the chunk, and when a
-    sentence supersedes an earlier one (same `key`) it Updates that entry instead. In the answer
-    phase it Reads with the question once, then answers the gold answer. In the paper protocol
-    it adds every supporting sentence (`Memory i` ranks are not stable ids, so no modify) and
-    answers each question with `<final_answer>\\boxed{gold}</final_answer>`.
+    While reading, it creates an entry for every supporting sentence in the chunk, once (with
+    overlapping chunks a sentence shows twice), and when a sentence supersedes an earlier one (same
+    `key`) it Updates that entry instead. In the answer phase it Reads with the question once, then
+    answers the gold answer. In the paper protocol it adds every supporting sentence (`Memory i`
+    ranks are not stable ids, so no modify) and answers the question shown,
+    `<final_answer>\\boxed{gold}</final_answer>`, one per step as the questions come.
     Its state is kept per slot (env index), so episodes of the same task in two envs do not mix.
     """
 
@@ -105,6 +106,7 @@ class OraclePolicy(Policy):
         self.protocol = protocol
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
         self.pending: dict[int, list[str]] = {}  # slot -> keys of the Creates sent last step, in order
+        self.stored: dict[int, set[str]] = {}  # slot -> fact texts written this episode
 
     def act(self, observations, tasks=None, slots=None):
         if tasks is None or len(tasks) != len(observations):
@@ -112,15 +114,25 @@ class OraclePolicy(Policy):
         slots = range(len(observations)) if slots is None else slots
         return [PolicyOutput(self._act_one(slot, obs, task)) for slot, obs, task in zip(slots, observations, tasks)]
 
-    def _act_paper(self, obs: dict, task: Task) -> str:
+    def _new_facts(self, slot: int, obs: dict, task: Task):
+        """The supporting facts in this chunk not written before in the episode, each once."""
+        fresh = int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
+        stored = self.stored[slot] = set() if fresh else self.stored.get(slot, set())
+        for question in task.questions:
+            for fact in question.supporting_facts:
+                if fact.text and fact.text in obs["chunk"] and fact.text not in stored:
+                    stored.add(fact.text)
+                    yield fact
+
+    def _act_paper(self, slot: int, obs: dict, task: Task) -> str:
         if answering(obs):
-            return format_ops([Answer(f"\\boxed{{{q.answers[0]}}}") for q in task.questions], "paper")
-        facts = dict.fromkeys(f.text for q in task.questions for f in q.supporting_facts if f.text and f.text in obs["chunk"])
-        return format_ops([Create(text) for text in facts], "paper")
+            asked = next((q for q in task.questions if q.question == obs["question"]), task.questions[0])
+            return format_ops([Answer(f"\\boxed{{{asked.answers[0]}}}")], "paper")
+        return format_ops([Create(fact.text) for fact in self._new_facts(slot, obs, task)], "paper")
 
     def _act_one(self, slot: int, obs: dict, task: Task) -> str:
         if self.protocol == "paper":
-            return self._act_paper(obs, task)
+            return self._act_paper(slot, obs, task)
         fresh = int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
         ids = self.entry_ids[slot] = {} if fresh else self.entry_ids.get(slot, {})
         created = [int(n) for n in re.findall(r"^created entry (\d+)$", obs["feedback"], re.MULTILINE)]
@@ -132,16 +144,13 @@ class OraclePolicy(Policy):
             return format_ops([Answer(q.answers[0], question=i + 1 if multi else None)
                                for i, q in enumerate(task.questions)])
         ops, keys = [], []
-        for question in task.questions:
-            for fact in question.supporting_facts:
-                key = fact.key or fact.text
-                if not fact.text or fact.text not in obs["chunk"] or key in keys:
-                    continue
-                if fact.key and key in ids:
-                    ops.append(Update(fact.text, entry_id=ids[key]))
-                else:
-                    ops.append(Create(fact.text))
-                    keys.append(key)
+        for fact in self._new_facts(slot, obs, task):
+            key = fact.key or fact.text
+            if fact.key and key in ids:
+                ops.append(Update(fact.text, entry_id=ids[key]))
+            elif key not in keys:
+                ops.append(Create(fact.text))
+                keys.append(key)
         self.pending[slot] = keys
         return format_ops(ops)
 

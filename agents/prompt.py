@@ -26,16 +26,47 @@ SYSTEM_PROMPTS = {
         "<scratchpad>notes</scratchpad> replaces your scratchpad, shown at every step.\n"
         "<answer>short answer</answer> answers, only after the last chunk."
     ),
+    # The official AtomMem prompts' content and layout, in our words; the chunk comes last so that the one
+    # truncation rule (encode_prompt) can shorten it.
     "paper": (
-        "You read a long document one chunk at a time and must answer the question at the end. "
-        "Use these tags:\n"
-        "<update_memory>notes</update_memory> rewrites your short-term memory.\n"
-        "<update_query>query</update_query> sets the query whose results you see at every step.\n"
-        "<add_memory>fact</add_memory> stores a fact. <modify_memory>Memory i: text</modify_memory> rewrites the "
-        "i-th memory shown. <delete_memory>Memory i</delete_memory> deletes it.\n"
-        "After the last chunk: <final_answer>\\boxed{answer}</final_answer>."
+        "You are given one section of an article at a time, together with your memory. Study the section and "
+        "manage your memory so that you can answer the questions at the end.\n\n"
+        "You have two memories. Short-term memory is a summary you rewrite at every step with "
+        "<update_memory>...</update_memory>; write it in every reply. Long-term memory is a vector database "
+        "changed by four atomic actions:\n"
+        "<update_query>keywords</update_query>: the system keeps one query and shows you the memories that match "
+        "it. Until you set a query you see nothing useful.\n"
+        "<add_memory>text</add_memory>: stores a new entry. Do not add again what is shown to you, and write no "
+        "index.\n"
+        "<modify_memory>Memory i: new text</modify_memory>: rewrites the entry shown as Memory i. With many "
+        "memories, prefer modifying over adding.\n"
+        "<delete_memory>Memory i</delete_memory>: deletes the entry shown as Memory i. Delete duplicates.\n"
+        "Every action is a pair of tags, so one reply can hold several actions, several adds for example.\n\n"
+        "Examples:\n"
+        "<update_query>founder; Acme Corporation; founding year</update_query>\n"
+        "<add_memory>Acme Corporation was founded in 1952 by Jane Roe in Leeds.</add_memory>\n"
+        "<modify_memory>Memory 1: Jane Roe left Acme in 1970; her son John Roe led it from then on.</modify_memory>\n"
+        "Memory 2 repeats Memory 4, which is newer, so I drop it. <delete_memory>Memory 2</delete_memory>\n"
+        "<update_memory>1. Acme's founder: Jane Roe (1952). 2. Still open: who led Acme in 1980.</update_memory>"
     ),
 }
+
+PAPER_READING_TIPS = (
+    "Tips: do not update the query again and again. If a memory you want is not shown, it is not in the "
+    "database. Rather than several query updates, write one long query made of keywords for all the questions: "
+    "queries match memories by semantic similarity.\n\n"
+    "How to use your memory: keep only the most important points in short-term memory and put detailed, broadly "
+    "useful facts in long-term memory, so that you can retrieve what the summary leaves out. Entries you add "
+    "should hold facts only (no reasoning, no notes about your state), including facts that look unrelated now: "
+    "add at least 5-6 of them. With several questions, treat each one separately (1. 2. 3.) in short-term memory."
+)
+PAPER_ANSWER_INSTRUCTIONS = (
+    "All sections are read. Using your memory, answer the problem as <final_answer>\\boxed{answer}</final_answer>. "
+    "You may update the query to see other memories instead; then answer in a later reply. Do not change your "
+    "memory now. Give the answer only, as an exact match, with no description. Examples: "
+    "<update_query>dance partner; Alice</update_query> or <final_answer>\\boxed{Jacob}</final_answer>. "
+    "If you are about to run out of query updates, skip the problem with <final_answer>don't know</final_answer>."
+)
 
 
 def user_message(obs: dict) -> str:
@@ -55,10 +86,31 @@ def user_message(obs: dict) -> str:
     return "\n\n".join(parts)
 
 
+def paper_user_message(obs: dict) -> str:
+    chunk_index, num_chunks = int(obs["chunk_index"]), int(obs["num_chunks"])
+    reading = chunk_index < num_chunks
+    left = int(obs["reads_left"])
+    parts = [f"{'Questions to solve' if reading else 'Problem'}:\n{obs['question']}",
+             f"Short-term memory from the previous step:\n{obs['scratchpad'] or '(empty)'}",
+             f"Current query for retrieving memories:\n{obs.get('query', '')}",
+             f"Memories that match the query:\n{obs['retrieved'] or 'No memory yet'}"]
+    if obs["feedback"]:
+        parts.append(f"Feedback: {obs['feedback']}")
+    parts.append(f"Query updates left for this question: {left} (3 in a row are allowed; one more skips the question "
+                 "unanswered).")
+    if not reading:
+        parts.append(PAPER_ANSWER_INSTRUCTIONS)
+        return "\n\n".join(parts)
+    parts.append(PAPER_READING_TIPS)
+    parts.append(f"Chunk {chunk_index + 1} of {num_chunks}:\n{obs['chunk']}")  # last: the part a cut shortens
+    return "\n\n".join(parts)
+
+
 def build_messages(obs: dict, protocol: str = "atommem") -> list[dict]:
     if protocol not in SYSTEM_PROMPTS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(SYSTEM_PROMPTS)}")
-    return [{"role": "system", "content": SYSTEM_PROMPTS[protocol]}, {"role": "user", "content": user_message(obs)}]
+    user = paper_user_message(obs) if protocol == "paper" else user_message(obs)
+    return [{"role": "system", "content": SYSTEM_PROMPTS[protocol]}, {"role": "user", "content": user}]
 
 
 def reader_messages(instruction: str, question: str, context: str) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -15,7 +16,7 @@ from .memory import MemoryOpError, Scratchpad, VectorMemory
 from .protocols import (OP_NAMES, PROTOCOLS, Answer, Create, Delete, Read, SetQuery, SetScratchpad, Update,
                         parse_action)
 from .spaces import UnicodeText
-from .scoring import boxed_match, exact_match, f1_score, last_boxed
+from .scoring import exact_match, f1_score, last_boxed, paper_match
 from .tasks import Task, TaskSource
 from .tokens import make_token_counter
 
@@ -25,6 +26,12 @@ _TEXT_LIMIT = 1 << 30
 _COUNTER = spaces.Box(low=0, high=np.iinfo(np.int64).max, shape=(), dtype=np.int64)
 _FEEDBACK_CHARS = 2000
 _MESSAGE_CHARS = 240
+PAPER_DEFAULT_QUERY = "default query: change it"
+"""The paper protocol's query before the agent sets one (the official loop starts with a placeholder too)."""
+PAPER_QUERY_UPDATES = 3
+"""Paper protocol: query updates allowed per question in a row; one more skips the question."""
+ANSWER_MATCHING = ("pooled", "per_question")
+_PAIRED_TAG = re.compile(r"<(\w+)[^>]*>.*?</\1>", re.IGNORECASE | re.DOTALL)
 
 
 def _indented(text: str) -> str:
@@ -49,8 +56,8 @@ class AtomMemEnv(gym.Env):
         <scratchpad>text</scratchpad>  <answer>text</answer>  (<answer q="2"> with several questions)
 
     With `protocol="paper"` the official AtomMem tags are read instead (`<add_memory>`,
-    `<update_memory>`, `<update_query>`, `<modify_memory>Memory i: ...`, `<delete_memory>Memory i`,
-    `<final_answer>\\boxed{...}`). Every string is a valid action: malformed tags, unknown ids,
+    `<update_memory>`, `<update_query>`, `<modify_memory>Memory i: ...` (delete, then add anew),
+    `<delete_memory>Memory i`, `<final_answer>\\boxed{...}`). Every string is a valid action: malformed tags, unknown ids,
     disabled operations or over-long actions produce error messages in the next observation's
     `feedback` and count in `info["invalid_ops"]`; the memory is left as it was for those ops.
     Strict where leniency would hide a mistake: ids are ASCII digits only, an attribute given twice
@@ -68,16 +75,21 @@ class AtomMemEnv(gym.Env):
     | scratchpad | the scratchpad's text ("" when disabled) |
     | retrieved | the entries found by the last step's Reads as `[id N] text` lines, best first, equal scores by id (paper protocol: `Memory i: text` for the persistent query); an entry's later lines are indented 4 spaces, so only entry starts begin a line |
     | feedback | errors and results of the last action (ids created, ...), one line each, each cut at 240 characters, 2000 in all |
+    | query | paper protocol: the persistent retrieval query (a placeholder until the agent sets one); "" otherwise |
     | chunk_index | 0-based index of the chunk shown; equals num_chunks in the answer phase |
     | num_chunks | chunks in this document |
     | memory_size | entries in the vector store |
-    | reads_left | further steps allowed on this chunk (answer phase: steps left to answer) |
+    | reads_left | further steps allowed on this chunk (answer phase: steps left to answer); paper protocol: query updates left for the current question |
 
     ## Rewards
-    At the last step: the mean over questions of exact match (SQuAD normalisation: lower case, no
-    punctuation or articles; paper protocol: the last `\\boxed{}` lower-cased without spaces)
-    between the answer and any gold answer: 1 or 0 for one question; unanswered questions score 0.
-    Optional shaping: `-invalid_op_penalty` per invalid operation at every step (0 by default).
+    At the last step: the mean over questions of exact match between the answer and any gold answer
+    (SQuAD normalisation: lower case, no punctuation or articles), 1 or 0 for one question;
+    unanswered questions score 0. Paper protocol, as the official scorer: the last `\\boxed{}` in the
+    answer's last 300 characters, lower-cased and `strip_string`-normalised (`atommem_env.scoring`),
+    and by default ("pooled" `answer_matching`) each answer is matched against the gold answers of
+    *all* the task's questions, the official multi-query rule; "per_question" matches each answer
+    against its own question's answers only. Optional shaping: `-invalid_op_penalty` per invalid
+    operation at every step (0 by default).
 
     ## Starting State
     `reset` draws a task from the task source with `self.np_random` (or takes
@@ -86,11 +98,19 @@ class AtomMemEnv(gym.Env):
 
     ## Episode End
     A step without a Read moves to the next chunk; a step with a Read stays on the chunk so the
-    agent sees the results, at most `max_reads_per_chunk` times (paper protocol: the chunk moves
-    on only when the action adds or modifies an entry, again at most `max_reads_per_chunk`
-    steps on a chunk). After the last chunk comes the answer phase (no chunk): Answers are accepted
-    there only. Termination: every question answered. Truncation: `max_answer_steps` answer-phase
-    steps without all answers.
+    agent sees the results, at most `max_reads_per_chunk` times. After the last chunk comes the
+    answer phase (no chunk): Answers are accepted there only. Termination: every question answered.
+    Truncation: `max_answer_steps` answer-phase steps without all answers, or `max_steps` steps.
+
+    Paper protocol (the official AtomMem loop; docs/eval.md has the point-by-point table): the
+    query's top-k entries are shown at every step, from the first (with a placeholder query).
+    Operations apply in reply order. While reading, the chunk moves on after an `<add_memory>` or
+    `<modify_memory>` tag (even one that fails) or a reply without any paired tag, and otherwise
+    stays. `<final_answer>` answers the current question, also before the last chunk; after the
+    last chunk the questions are shown one at a time. A question allows 3 query updates in a row
+    (an add, modify, delete or short-term-memory update starts the count again); a 4th skips it
+    unanswered. Termination: the last question answered or skipped. Truncation: `max_steps` steps
+    (default 2 x chunks + 4 x questions).
 
     ## Arguments
     - `dataset`: "synthetic" (default; no data files), "hotpotqa", "2wiki", "musique", or a TaskSource.
@@ -102,7 +122,10 @@ class AtomMemEnv(gym.Env):
     - `enabled_ops`: subset of create/read/update/delete/scratchpad/query (default all); a disabled
       op in an action is an error message. `use_scratchpad=False` and `use_vector_store=False`
       remove the scratchpad and the four memory ops.
-    - `top_k` (6), `max_reads_per_chunk` (2), `max_answer_steps` (4).
+    - `top_k` (6), `max_reads_per_chunk` (2), `max_answer_steps` (4): the last two in the atommem protocol only.
+    - `max_steps` (None: no cap in the atommem protocol, 2 x chunks + 4 x questions in the paper's).
+    - `answer_matching`: None (the protocol's own: "pooled" for paper, "per_question" for atommem),
+      "pooled" or "per_question".
     - `max_entries` (None), `max_entry_chars` (2000), `max_scratchpad_chars` (4000), `max_action_chars` (100000).
     - `embedder`: "minilm" (default, all-MiniLM-L6-v2), "hashing" (fast, model-free) or "st:<model>".
     - `index_precision` ("fp32" exact or "fp16"), `device` ("cpu", or "cuda[:N]" with faiss-gpu).
@@ -128,7 +151,8 @@ class AtomMemEnv(gym.Env):
     one FAISS thread (OpenMP does not survive fork).
 
     ## Version History
-    - v0: initial release.
+    - v0: initial release. Before the first release, the paper protocol was brought to the official
+      loop's rules (the points in docs/eval.md) and the `query` observation key was added.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -154,6 +178,8 @@ class AtomMemEnv(gym.Env):
         top_k: int = 6,
         max_reads_per_chunk: int = 2,
         max_answer_steps: int = 4,
+        max_steps: int | None = None,
+        answer_matching: str | None = None,
         max_entries: int | None = None,
         max_entry_chars: int | None = 2000,
         max_scratchpad_chars: int | None = 4000,
@@ -172,6 +198,10 @@ class AtomMemEnv(gym.Env):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(max_reads_per_chunk, (int, np.integer)) or max_reads_per_chunk < 0:
             raise ValueError(f"max_reads_per_chunk must be an integer >= 0, got {max_reads_per_chunk!r}")
+        if max_steps is not None and (not isinstance(max_steps, (int, np.integer)) or max_steps <= 0):
+            raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
+        if answer_matching is not None and answer_matching not in ANSWER_MATCHING:
+            raise ValueError(f"answer_matching must be None or one of {ANSWER_MATCHING}, got {answer_matching!r}")
         if invalid_op_penalty < 0:
             raise ValueError(f"invalid_op_penalty must be >= 0, got {invalid_op_penalty}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -199,6 +229,8 @@ class AtomMemEnv(gym.Env):
         self.top_k = int(top_k)
         self.max_reads_per_chunk = int(max_reads_per_chunk)
         self.max_answer_steps = int(max_answer_steps)
+        self.max_steps = None if max_steps is None else int(max_steps)
+        self.answer_matching = answer_matching or ("pooled" if protocol == "paper" else "per_question")
         self.max_action_chars = int(max_action_chars)
         self.invalid_op_penalty = float(invalid_op_penalty)
         self.render_mode = render_mode
@@ -214,6 +246,7 @@ class AtomMemEnv(gym.Env):
             "scratchpad": UnicodeText(_TEXT_LIMIT),
             "retrieved": UnicodeText(_TEXT_LIMIT),
             "feedback": UnicodeText(_TEXT_LIMIT),
+            "query": UnicodeText(_TEXT_LIMIT),
             "chunk_index": _COUNTER,
             "num_chunks": _COUNTER,
             "memory_size": _COUNTER,
@@ -241,15 +274,19 @@ class AtomMemEnv(gym.Env):
         self.chunk_index = 0
         self.steps_on_chunk = 0
         self.answer_steps = 0
+        self.steps = 0
         self.answers: dict[int, str] = {}
-        self.query = ""  # paper protocol's persistent query
-        self.shown_ids: list[int] = []  # paper protocol: entry ids behind "Memory i" in the last observation
+        # Paper protocol: the persistent query, its updates in a row, the question asked, the ids behind "Memory i".
+        self.query = PAPER_DEFAULT_QUERY if self.protocol == "paper" else ""
+        self.query_updates = 0
+        self.question_index = 0
+        self.shown_ids: list[int] = []
+        default_cap = 2 * len(self.chunker) + 4 * len(self.task.questions) if self.protocol == "paper" else None
+        self.step_cap = self.max_steps or default_cap
         self.op_counts = Counter({name: 0 for name in ALL_OPS + ("answer",)})
         self.total_invalid_ops = 0
         self.tokens_shown = 0
         self.done = False
-        question_text = self._question_text()
-        self._question_tokens = self.token_counter.count(question_text)
         self._obs = self._observation(retrieved="", feedback="")
         return self._obs, self._info(invalid=0)
 
@@ -280,68 +317,19 @@ class AtomMemEnv(gym.Env):
         parsed = parse_action(action, self.protocol)
         for problem in parsed.errors:
             error(problem)
-        answering = self.chunk_index >= len(self.chunker)
         self._prefetch_embeddings(parsed.ops)
-
-        # Paper protocol: in the answer phase a query update takes the step; its answer waits.
-        query_step = (self.protocol == "paper" and answering and "query" in self.enabled_ops
-                      and any(isinstance(op, SetQuery) for op in parsed.ops))
-        reads: list[str] = []
-        changed_memory = False  # paper protocol: the chunk advances on an add or modify
-        for op in parsed.ops:
-            name = OP_NAMES[type(op)]
-            if name != "answer" and name not in self.enabled_ops:
-                error(f"'{name}' is disabled in this environment")
-                continue
-            try:
-                if isinstance(op, Create):
-                    entry_id = self.memory.create(op.text)
-                    messages.append(f"created entry {entry_id}")
-                    changed_memory = True
-                elif isinstance(op, Read):
-                    self.memory.check_query(op.query)
-                    reads.append(op.query)
-                elif isinstance(op, Update):
-                    entry_id = self._resolve(op.entry_id, op.rank)
-                    self.memory.update(entry_id, op.text)
-                    messages.append(f"updated entry {entry_id}")
-                    changed_memory = True
-                elif isinstance(op, Delete):
-                    entry_id = self._resolve(op.entry_id, op.rank)
-                    self.memory.delete(entry_id)
-                    messages.append(f"deleted entry {entry_id}")
-                elif isinstance(op, SetScratchpad):
-                    self.scratchpad.set(op.text)
-                elif isinstance(op, SetQuery):
-                    self.memory.check_query(op.query)
-                    self.query = op.query
-                elif isinstance(op, Answer):
-                    if query_step:
-                        raise MemoryOpError("a query update takes this step; answer in the next one")
-                    self._record_answer(op, answering)
-            except MemoryOpError as err:
-                error(f"{name}: {err}")
-                continue
-            self.op_counts[name] += 1
-
-        retrieved = self._retrieve(reads)
-        terminated = truncated = False
-        if answering:
-            self.answer_steps += 1
-            if len(self.answers) == len(self.task.questions):
-                terminated = True
-            elif self.answer_steps >= self.max_answer_steps:
-                truncated = True
-                messages.append(f"error: no answer for every question after {self.max_answer_steps} answer-phase steps")
+        self.steps += 1
+        if self.protocol == "paper":
+            terminated, retrieved = self._paper_step(parsed, action, messages, error)
         else:
-            stay = bool(reads) if self.protocol == "atommem" else not changed_memory
-            if stay and self.steps_on_chunk < self.max_reads_per_chunk:
-                self.steps_on_chunk += 1
-            else:
-                self.chunk_index += 1
-                self.steps_on_chunk = 0
-                if self.chunk_index == len(self.chunker):
-                    messages.append("that was the last chunk: answer now")
+            terminated, retrieved = self._atommem_step(parsed, messages, error)
+        truncated = False
+        if not terminated and self.answer_steps >= self.max_answer_steps and self.protocol == "atommem":
+            truncated = True
+            messages.append(f"error: no answer for every question after {self.max_answer_steps} answer-phase steps")
+        elif not terminated and self.step_cap is not None and self.steps >= self.step_cap:
+            truncated = True
+            messages.append(f"error: the episode ends at its step limit ({self.step_cap} steps)")
 
         self.total_invalid_ops += invalid
         self.done = terminated or truncated
@@ -356,6 +344,113 @@ class AtomMemEnv(gym.Env):
         return self._obs, float(reward), terminated, truncated, info
 
     # ------------------------------------------------------------------ helpers
+    def _atommem_step(self, parsed, messages: list[str], error) -> tuple[bool, str]:
+        """Applies the ops in order; a Read keeps the chunk (up to max_reads_per_chunk). (terminated, retrieved)."""
+        answering = self.chunk_index >= len(self.chunker)
+        reads: list[str] = []
+        for op in parsed.ops:
+            name = OP_NAMES[type(op)]
+            if name != "answer" and name not in self.enabled_ops:
+                error(f"'{name}' is disabled in this environment")
+                continue
+            try:
+                if isinstance(op, Read):
+                    self.memory.check_query(op.query)
+                    reads.append(op.query)
+                elif isinstance(op, Update):
+                    self.memory.update(op.entry_id, op.text)
+                    messages.append(f"updated entry {op.entry_id}")
+                elif isinstance(op, Answer):
+                    self._record_answer(op, answering)
+                else:
+                    self._apply_shared(op, messages)
+            except MemoryOpError as err:
+                error(f"{name}: {err}")
+                continue
+            self.op_counts[name] += 1
+        retrieved = self._retrieve(reads)
+        if answering:
+            self.answer_steps += 1
+            return len(self.answers) == len(self.task.questions), retrieved
+        if reads and self.steps_on_chunk < self.max_reads_per_chunk:
+            self.steps_on_chunk += 1
+        else:
+            self._next_chunk(messages)
+        return False, retrieved
+
+    def _paper_step(self, parsed, action: str, messages: list[str], error) -> tuple[bool, str]:
+        """The official AtomMem loop: ops in order; an answer (or a skipped question) moves to the next question and
+        the last one ends the episode, also before the last chunk; while reading, the chunk moves on after an add or
+        modify tag (even a failed one) or a reply without any paired tag. (terminated, retrieved)."""
+        answering = self.chunk_index >= len(self.chunker)
+        move_on = any(tag in ("add_memory", "modify_memory") for tag in parsed.tags) or not _PAIRED_TAG.search(action)
+        ended = False
+        for op in parsed.ops:
+            name = OP_NAMES[type(op)]
+            if ended:
+                error(f"'{name}' after the last question: ignored")
+                continue
+            if name != "answer" and name not in self.enabled_ops:
+                error(f"'{name}' is disabled in this environment")
+                continue
+            try:
+                if isinstance(op, SetQuery):
+                    if self.query_updates >= PAPER_QUERY_UPDATES:
+                        error(f"query: more than {PAPER_QUERY_UPDATES} query updates in a row for question "
+                              f"{self.question_index + 1}: it is skipped, unanswered")
+                        ended = self._next_question()
+                        continue
+                    self.memory.check_query(op.query)
+                    self.query = op.query
+                    self.query_updates += 1
+                elif isinstance(op, Update):  # as the official code: delete, then add anew (a new id, a new rank)
+                    entry_id = self._resolve(None, op.rank)
+                    self.memory.check_text(op.text)
+                    self.memory.delete(entry_id)
+                    messages.append(f"replaced entry {entry_id} by entry {self.memory.create(op.text)}")
+                elif isinstance(op, Answer):
+                    self.answers[self.question_index] = op.text
+                    ended = self._next_question()
+                else:
+                    self._apply_shared(op, messages)
+            except MemoryOpError as err:
+                error(f"{name}: {err}")
+                continue
+            self.op_counts[name] += 1
+            if name in ("create", "update", "delete", "scratchpad"):
+                self.query_updates = 0
+        retrieved = self._paper_retrieve()
+        if answering:
+            self.answer_steps += 1
+        elif move_on and not ended:
+            self._next_chunk(messages)
+        return ended, retrieved
+
+    def _apply_shared(self, op, messages: list[str]) -> None:
+        """Create, Delete and SetScratchpad, the same in both protocols; a MemoryOpError changes nothing."""
+        if isinstance(op, Create):
+            messages.append(f"created entry {self.memory.create(op.text)}")
+        elif isinstance(op, Delete):
+            entry_id = self._resolve(op.entry_id, op.rank)
+            self.memory.delete(entry_id)
+            messages.append(f"deleted entry {entry_id}")
+        elif isinstance(op, SetScratchpad):
+            self.scratchpad.set(op.text)
+        else:
+            raise TypeError(f"{op!r} is not handled here")
+
+    def _next_chunk(self, messages: list[str]) -> None:
+        self.chunk_index += 1
+        self.steps_on_chunk = 0
+        if self.chunk_index == len(self.chunker):
+            messages.append("that was the last chunk: answer now")
+
+    def _next_question(self) -> bool:
+        """Paper protocol: on to the next question with a fresh query budget; True when none is left."""
+        self.question_index += 1
+        self.query_updates = 0
+        return self.question_index >= len(self.task.questions)
+
     def _prefetch_embeddings(self, ops) -> None:
         """One batched embedding call per step; the ops below then hit the embedder's cache.
 
@@ -392,14 +487,13 @@ class AtomMemEnv(gym.Env):
             index = op.question - 1
         self.answers[index] = op.text
 
+    def _paper_retrieve(self) -> str:
+        """The top-k entries for the persistent query as `Memory i:` lines, remembered for modify and delete."""
+        found = self.memory.read(self.query, self.top_k) if len(self.memory) and "query" in self.enabled_ops else []
+        self.shown_ids = [e.id for e in found]
+        return "\n".join(f"Memory {rank}: {_indented(e.text)}" for rank, e in enumerate(found, start=1))
+
     def _retrieve(self, reads: list[str]) -> str:
-        if self.protocol == "paper":
-            if not self.query:
-                self.shown_ids = []
-                return ""
-            found = self.memory.read(self.query, self.top_k) if len(self.memory) else []
-            self.shown_ids = [e.id for e in found]
-            return "\n".join(f"Memory {rank}: {_indented(e.text)}" for rank, e in enumerate(found, start=1))
         if not reads:
             return ""
         lines, seen = [], set()
@@ -426,6 +520,8 @@ class AtomMemEnv(gym.Env):
 
     def _question_text(self) -> str:
         questions = self.task.questions
+        if self.protocol == "paper" and self.chunk_index >= len(self.chunker):  # answered one at a time
+            return questions[min(self.question_index, len(questions) - 1)].question
         if len(questions) == 1:
             return questions[0].question
         return "\n".join(f"Q{i}: {q.question}" for i, q in enumerate(questions, start=1))
@@ -434,18 +530,23 @@ class AtomMemEnv(gym.Env):
         answering = self.chunk_index >= len(self.chunker)
         chunk = "" if answering else self.chunker.chunk(self.chunk_index)
         scratchpad = self.scratchpad.text if self.use_scratchpad else ""
-        if answering:
+        if self.protocol == "paper":
+            left = PAPER_QUERY_UPDATES - self.query_updates
+        elif answering:
             left = self.max_answer_steps - self.answer_steps
         else:
             left = self.max_reads_per_chunk - self.steps_on_chunk
-        self.tokens_shown += (self._question_tokens + (0 if answering else self.chunker.chunk_token_count(self.chunk_index))
+        question = self._question_text()
+        self.tokens_shown += (self.token_counter.count(question) + self.token_counter.count(self.query)
+                              + (0 if answering else self.chunker.chunk_token_count(self.chunk_index))
                               + self.token_counter.count(scratchpad) + self.token_counter.count(retrieved))
         return {
-            "question": self._question_text(),
+            "question": question,
             "chunk": chunk,
             "scratchpad": scratchpad,
             "retrieved": retrieved,
             "feedback": feedback,
+            "query": self.query,
             "chunk_index": np.array(self.chunk_index, dtype=np.int64),
             "num_chunks": np.array(len(self.chunker), dtype=np.int64),
             "memory_size": np.array(len(self.memory), dtype=np.int64),
@@ -465,17 +566,20 @@ class AtomMemEnv(gym.Env):
         }
 
     def _score(self) -> tuple[float, float]:
+        """(mean EM, mean F1) over questions; "pooled" matching takes any question's gold answers for each answer."""
+        pooled = tuple(g for q in self.task.questions for g in q.answers)
         ems, f1s = [], []
         for i, question in enumerate(self.task.questions):
             answer = self.answers.get(i)
+            golds = pooled if self.answer_matching == "pooled" else question.answers
             if answer is None:
                 ems.append(0.0)
                 f1s.append(0.0)
             elif self.protocol == "paper":
-                ems.append(boxed_match(answer, question.answers))
+                ems.append(paper_match(answer, golds))
                 f1s.append(f1_score(last_boxed(answer) or "", question.answers))
             else:
-                ems.append(exact_match(answer, question.answers))
+                ems.append(exact_match(answer, golds))
                 f1s.append(f1_score(answer, question.answers))
         return float(np.mean(ems)), float(np.mean(f1s))
 
@@ -487,7 +591,7 @@ class AtomMemEnv(gym.Env):
             f"chunk {int(o['chunk_index']) + 1}/{int(o['num_chunks'])}"
         parts = [f"== {self.task.task_id} | {phase} | memory {int(o['memory_size'])} entries ==",
                  f"question: {o['question']}"]
-        for key in ("scratchpad", "retrieved", "feedback", "chunk"):
+        for key in ("scratchpad", "query", "retrieved", "feedback", "chunk"):
             if o[key]:
                 parts.append(f"-- {key} --\n{o[key]}")
         return "\n".join(parts) + "\n"

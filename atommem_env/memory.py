@@ -116,7 +116,8 @@ class VectorMemory:
         if self.max_entry_chars is not None and len(query.strip()) > self.max_entry_chars:
             raise MemoryOpError(f"query has {len(query.strip())} characters, the limit is {self.max_entry_chars}")
 
-    def _check_text(self, text: str) -> str:
+    def check_text(self, text: str) -> str:
+        """The stripped text, or MemoryOpError when no entry may hold it."""
         text = text.strip()
         if not text:
             raise MemoryOpError("memory text is empty")
@@ -128,7 +129,7 @@ class VectorMemory:
         return self.create_many([text])[0]
 
     def create_many(self, texts: Sequence[str]) -> list[int]:
-        texts = [self._check_text(t) for t in texts]
+        texts = [self.check_text(t) for t in texts]
         if self.max_entries is not None and len(self) + len(texts) > self.max_entries:
             raise MemoryOpError(f"memory is full ({len(self)} of {self.max_entries} entries): update or delete first")
         ids = list(range(self._next_id, self._next_id + len(texts)))
@@ -168,7 +169,7 @@ class VectorMemory:
         return results
 
     def update(self, entry_id: int, text: str) -> None:
-        text = self._check_text(text)
+        text = self.check_text(text)
         self.get(entry_id)
         vec = self.embedder.embed([text])
         self.index.remove_ids(np.asarray([entry_id], dtype=np.int64))

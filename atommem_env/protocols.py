@@ -18,9 +18,9 @@ Paper protocol (`protocol="paper"`), the official AtomMem code's tags::
     <update_memory>...</update_memory>           rewrite the short-term memory (our scratchpad)
     <update_query>...</update_query>             set the persistent retrieval query
     <add_memory>...</add_memory>                 create an entry
-    <modify_memory>Memory 2: new text</modify_memory>   update the 2nd entry shown at this step
-    <delete_memory>Memory 2</delete_memory>      delete the 2nd entry shown (several refs allowed)
-    <final_answer>\\boxed{...}</final_answer>      answer
+    <modify_memory>Memory 2: new text</modify_memory>   replace the 2nd entry shown at this step
+    <delete_memory>Memory 2</delete_memory>      delete the 2nd entry shown (only the reference the text starts with)
+    <final_answer>\\boxed{...}</final_answer>      answer the current question
 
 `parse_action(text, protocol)` never raises: problems come back as error messages beside the
 operations that did parse. `format_ops(ops, protocol)` writes operations back as text, so that
@@ -91,6 +91,9 @@ OP_NAMES = {Create: "create", Read: "read", Update: "update", Delete: "delete",
 class ParseResult:
     ops: list[Op] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    """Every complete tag of the protocol found, in order, also those that became errors (the paper protocol
+    moves to the next chunk after any add or modify tag, even a failed one)."""
 
 
 _ATTR_RE = re.compile(r"""([A-Za-z_]\w*)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>/]+))""")
@@ -143,6 +146,7 @@ def _scan(action: str, builders: dict[str, Callable[[dict, str | None], Op | lis
                 continue
             content, end = action[m.end():close.start()].strip(), close.end()
         consumed.append((m.start(), end))
+        result.tags.append(name)
         pos = end
         if attr_error:
             result.errors.append(f"<{name}>: {attr_error}")
@@ -239,12 +243,13 @@ def _modify_paper(attrs: dict, content: str | None) -> Update:
     return Update(text=m.group(2).strip(), rank=_positive(m.group(1)))
 
 
-def _delete_paper(attrs: dict, content: str | None) -> list[Delete]:
+def _delete_paper(attrs: dict, content: str | None) -> Delete:
+    """The official code deletes the one entry the text starts with; later references are ignored."""
     _no_attrs(attrs)
-    refs = re.findall(r"memory\s+([0-9]+)", content or "", re.IGNORECASE)
-    if not refs:
+    m = re.match(r"\s*memory\s+([0-9]+)", content or "", re.IGNORECASE)
+    if m is None:
         raise ValueError("write 'Memory i', i being the entry's number in the list shown")
-    return [Delete(rank=_positive(r)) for r in refs]
+    return Delete(rank=_positive(m.group(1)))
 
 
 def _positive(digits: str) -> int:

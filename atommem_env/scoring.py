@@ -43,8 +43,27 @@ def f1_score(prediction: str, golds) -> float:
     return max((_f1(prediction, g) for g in golds), default=0.0)
 
 
+# The official AtomMem scorer's normalisation (after lm-evaluation-harness' hendrycks_math strip_string), in order.
+_STRIP_STEPS = (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"), ("\\left", ""),
+                ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""), ("\\%", ""), (" .", " 0."),
+                ("{.", "{0."), (" ", ""))
+PAPER_ANSWER_TAIL = 300
+"""The official scorer looks only at an answer's last 300 characters."""
+
+
+def strip_string(text: str) -> str:
+    for old, new in _STRIP_STEPS:
+        text = text.replace(old, new)
+    return text
+
+
 def last_boxed(text: str) -> str | None:
-    r"""The content of the last `\boxed{...}` (braces balanced), or None."""
+    r"""The content of the last `\boxed{...}` (braces balanced), or of a `\boxed ` form up to a `$`; else None.
+
+    As the official scorer: with any `\boxed ` (a space, no brace) in the text, that form wins.
+    """
+    if "\\boxed " in text:
+        return text.split("\\boxed ")[-1].split("$")[0]
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -60,10 +79,10 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def boxed_match(prediction: str, golds) -> float:
-    r"""The paper's rule: last `\boxed{}` lower-cased with all spaces removed equals a gold answer (same treatment)."""
-    boxed = last_boxed(prediction)
+def paper_match(answer: str, golds) -> float:
+    r"""The official AtomMem rule: the last `\boxed{}` in the answer's last 300 characters, lower-cased and
+    `strip_string`-normalised (no spaces, no line breaks, LaTeX spacing removed), equals a gold answer treated alike."""
+    boxed = last_boxed(answer[-PAPER_ANSWER_TAIL:].lower())
     if boxed is None:
         return 0.0
-    squash = lambda s: "".join(s.lower().split())  # noqa: E731
-    return float(any(squash(boxed) == squash(g) for g in golds))
+    return float(any(strip_string(boxed) == strip_string(g.lower()) for g in golds))

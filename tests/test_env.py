@@ -224,26 +224,6 @@ def test_multi_question_answers():
     assert terminated and reward == 0.5 and info["answers"] == ("wrong", "b")
 
 
-def test_paper_protocol_semantics():
-    env = tiny_env(protocol="paper", max_reads_per_chunk=1)
-    obs, _ = env.reset(seed=0)
-    obs, *_ = env.step("<update_query>tower</update_query><update_memory>stm</update_memory>")
-    assert int(obs["chunk_index"]) == 0 and obs["retrieved"] == "" and obs["scratchpad"] == "stm"  # no add: stays
-    obs, *_ = env.step("<add_memory>The tower is in Paris.</add_memory><add_memory>Other.</add_memory>")
-    assert int(obs["chunk_index"]) == 1 and obs["retrieved"].startswith("Memory 1: The tower is in Paris.")
-    obs, *_ = env.step("<modify_memory>Memory 1: The tower stands in Paris.</modify_memory>"
-                       "<delete_memory>Memory 5</delete_memory>")
-    assert "Memory 5 is not among the 2 entries shown" in obs["feedback"]
-    assert env.memory.get(1) == "The tower stands in Paris." and int(obs["chunk_index"]) == 2
-    obs, *_ = env.step("")
-    obs, *_ = env.step("")  # max_reads_per_chunk=1: a second idle step moves on
-    assert obs["chunk"] == ""
-    obs, _, terminated, _, _ = env.step("<update_query>Paris</update_query><final_answer>\\boxed{x}</final_answer>")
-    assert not terminated and "a query update takes this step" in obs["feedback"]
-    _, reward, terminated, _, info = env.step("<final_answer>It is \\boxed{ paris }</final_answer>")
-    assert terminated and reward == 1.0
-
-
 def test_paper_chunks_overlap():
     env = tiny_env(chunk_tokens=20, chunk_overlap=5)
     assert env.chunk_overlap == 5

@@ -95,7 +95,7 @@ def test_one_long_message_keeps_the_other_feedback():
 def test_disabled_update_query_does_not_block_the_answer():
     env = tiny_env(protocol="paper", use_vector_store=False)
     env.reset(seed=0)
-    run_to_answer_phase(env, "<update_memory>notes</update_memory>")
+    run_to_answer_phase(env, "notes, no tag: the chunk moves on")
     obs, reward, terminated, *_ = env.step(r"<update_query>q</update_query><final_answer>\boxed{Paris}</final_answer>")
     assert terminated and reward == 1.0 and "'query' is disabled" in obs["feedback"]
 

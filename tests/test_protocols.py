@@ -37,11 +37,13 @@ def test_unknown_attributes_and_garbage_attributes_are_errors():
 def test_paper_protocol():
     action = ("<update_memory>short term</update_memory><update_query>who founded X</update_query>"
               "<add_memory>X was founded by Y.</add_memory><modify_memory>Memory 2: fixed</modify_memory>"
-              "<delete_memory>Memory 1 and Memory 3</delete_memory><final_answer>\\boxed{Y}</final_answer>")
+              "<delete_memory>Memory 1 and Memory 3</delete_memory><final_answer>\\boxed{Y}</final_answer>")  # deletes 1 only
     result = parse_action(action, "paper")
     assert result.errors == []
     assert result.ops == [SetScratchpad("short term"), SetQuery("who founded X"), Create("X was founded by Y."),
-                          Update("fixed", rank=2), Delete(rank=1), Delete(rank=3), Answer("\\boxed{Y}")]
+                          Update("fixed", rank=2), Delete(rank=1), Answer("\\boxed{Y}")]
+    assert result.tags == ["update_memory", "update_query", "add_memory", "modify_memory", "delete_memory",
+                           "final_answer"]
     bad = parse_action("<modify_memory>fixed</modify_memory><delete_memory>all</delete_memory>"
                        "<modify_memory>Memory 0: x</modify_memory>", "paper")
     assert bad.ops == [] and len(bad.errors) == 3
