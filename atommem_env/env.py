@@ -132,7 +132,9 @@ class AtomMemEnv(gym.Env):
     - `invalid_op_penalty` (0.0), `render_mode` (None or "ansi").
 
     ## Information
-    Every step: `task_id`, `chunk_index`, `num_chunks`, `memory_size`, `invalid_ops` (this step),
+    At reset also `repeated_paragraphs` (padding paragraphs drawn twice because the data file is too
+    small for the length) and, for data files, `records_loaded`, `records_skipped`
+    (`skip_malformed`) and `unanswerable_left_out` (MuSiQue full files). Every step: `task_id`, `chunk_index`, `num_chunks`, `memory_size`, `invalid_ops` (this step),
     `total_invalid_ops`, `op_counts` (dict: create/read/update/delete/scratchpad/query/answer,
     valid ops so far), `tokens_shown` (chunk, question, scratchpad and retrieved tokens shown so
     far). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `answers`
@@ -288,7 +290,12 @@ class AtomMemEnv(gym.Env):
         self.tokens_shown = 0
         self.done = False
         self._obs = self._observation(retrieved="", feedback="")
-        return self._obs, self._info(invalid=0)
+        info = self._info(invalid=0)
+        info["repeated_paragraphs"] = int(dict(self.task.metadata).get("repeated_paragraphs", 0))
+        stats = getattr(self.task_source, "load_stats", None)
+        if stats is not None:
+            info.update(records_loaded=stats.loaded, records_skipped=stats.skipped, unanswerable_left_out=stats.unanswerable)
+        return self._obs, info
 
     def step(self, action):
         if self.task is None or self.done:

@@ -1,8 +1,11 @@
 import json
+import re
+import warnings
 
 import numpy as np
 import pytest
 
+from atommem_env import AtomMemEnv
 from atommem_env.chunking import Chunker
 from atommem_env.data import (ComposedTaskSource, DataFormatError, LoadStats, SyntheticTaskSource, generate_task,
                               load_items, make_task_source, select_split, split_of)
@@ -64,7 +67,7 @@ def test_errors_name_file_record_and_field(tmp_path, hotpot_path):
         load_items("hotpotqa", _write(tmp_path, "obj.json", {"data": records}))
     with pytest.raises(DataFormatError, match="not JSON"):
         load_items("hotpotqa", _write(tmp_path, "trunc.json", "[{"))
-    with pytest.raises(DataFormatError, match=r"record 0, field 'paragraphs': missing"):
+    with pytest.raises(DataFormatError, match=r"wrong_layout\.jsonl, line 1, field 'paragraphs': missing"):
         load_items("musique", _write(tmp_path, "wrong_layout.jsonl", json.dumps(records[0]) + "\n"))
     with pytest.raises(ValueError, match="not found"):
         load_items("hotpotqa", tmp_path / "absent.json")
@@ -78,7 +81,7 @@ def test_skip_malformed_counts_what_it_skips(tmp_path, hotpot_path):
     assert len(items) == 3 and stats.loaded == 3 and stats.skipped == 1 and "record 2" in stats.errors[0]
     lines = (FIXTURES / "musique_ans_dev_sample.jsonl").read_text().splitlines()
     path = _write(tmp_path, "m.jsonl", "\n".join([lines[0], "{not json", lines[1]]))
-    with pytest.raises(DataFormatError, match="line 2 is not JSON"):
+    with pytest.raises(DataFormatError, match=r"m\.jsonl, line 2: not JSON"):
         load_items("musique", path)
     stats = LoadStats()
     assert len(load_items("musique", path, skip_malformed=True, stats=stats)) == 2 and stats.skipped == 1
@@ -112,10 +115,19 @@ def test_long_context_reaches_target_and_is_deterministic(hotpot_path, target):
     assert gold_positions(task) != gold_positions(other_seed)
 
 
-def test_small_pool_repeats_are_counted(hotpot_path):
+def test_small_pool_repeats_are_counted_and_reported(hotpot_path):
     items = load_items("hotpotqa", hotpot_path)[:5]
-    task = ComposedTaskSource(items, COUNTER, context_tokens=20_000).get(0)
+    source = ComposedTaskSource(items, COUNTER, context_tokens=20_000)
+    with pytest.warns(UserWarning, match=r"pool of 50 distinct paragraphs is too small for context_tokens=20000"):
+        task = source.get(0)
     assert doc_tokens(task) >= 20_000 and task.meta["repeated_paragraphs"] > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per source, not once per task
+        source.get(1)
+    env = AtomMemEnv(dataset=source, embedder="hashing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert env.reset(options={"task_index": 2})[1]["repeated_paragraphs"] > 0
 
 
 def test_multi_query_groups_follow_the_paper(hotpot_path):
@@ -210,3 +222,97 @@ def test_one_million_token_episode_streams_lazily():
     assert chunker.total_tokens >= 1_000_000 and len(chunker) >= 245
     assert all(chunker.chunk_token_count(i) <= 4096 for i in range(len(chunker)))
     assert COUNTER.count(chunker.chunk(len(chunker) // 2)) == chunker.chunk_token_count(len(chunker) // 2)
+
+
+# Loader defects found with real dev files (issue 13, part 2).
+def test_2wiki_sentences_are_joined_with_a_space():
+    wiki = load_items("2wiki", FIXTURES / "2wiki_dev_sample.json")
+    texts = [p.text for item in wiki for p in item.paragraphs]
+    assert "Belgian drama film. It was directed" in texts[0]
+    assert not any(re.search(r"[a-z]\.[A-Z]", t) for t in texts)  # no glued sentence boundary
+    raw = json.loads(HOTPOT_OFFICIAL.read_text())  # HotpotQA sentences carry their leading space: text unchanged
+    for item, record in zip(load_items("hotpotqa", HOTPOT_OFFICIAL), raw):
+        for paragraph, (_, sentences) in zip(item.paragraphs, record["context"]):
+            if all(s[:1].isspace() for s in sentences[1:]):
+                assert paragraph.text == "".join(sentences).strip()
+
+
+def test_musique_full_files_leave_unanswerable_rows_out_and_count_them(tmp_path):
+    rows = [json.loads(line) for line in (FIXTURES / "musique_ans_dev_sample.jsonl").read_text().splitlines()]
+    rows[0]["answerable"], rows[1]["answerable"] = False, True
+    path = _write(tmp_path, "musique_full_dev.jsonl", "\n".join(json.dumps(r) for r in rows))
+    stats = LoadStats()
+    items = load_items("musique", path, stats=stats)
+    assert len(items) == len(rows) - 1 and stats.unanswerable == 1
+    with pytest.warns(UserWarning, match="1 unanswerable ones left out"):
+        source = make_task_source("musique", data_path=str(path))
+    env = AtomMemEnv(dataset=source, embedder="hashing")
+    assert env.reset(seed=0)[1]["unanswerable_left_out"] == 1
+    rows[1]["answerable"] = "yes"
+    with pytest.raises(DataFormatError, match=r"line 2, field 'answerable': expected true or false"):
+        load_items("musique", _write(tmp_path, "bad.jsonl", "\n".join(json.dumps(r) for r in rows)))
+
+
+def test_null_records_are_errors_or_counted_skips(tmp_path, hotpot_path):
+    records = json.loads(hotpot_path.read_text())[:3]
+    path = _write(tmp_path, "nulls.json", [records[0], None, records[1]])
+    with pytest.raises(DataFormatError, match=r"nulls\.json, record 1: the record is null"):
+        load_items("hotpotqa", path)
+    stats = LoadStats()
+    assert len(load_items("hotpotqa", path, skip_malformed=True, stats=stats)) == 2 and stats.skipped == 1
+    line = (FIXTURES / "musique_ans_dev_sample.jsonl").read_text().splitlines()[0]
+    with pytest.raises(DataFormatError, match=r"n\.jsonl, line 2: the record is null"):
+        load_items("musique", _write(tmp_path, "n.jsonl", f"{line}\nnull\n"))
+
+
+@pytest.mark.parametrize("aliases, problem", [("Paris", "'Paris'"), (5, "5"), ([1, 2], r"\[1, 2\]")])
+def test_answer_aliases_must_be_a_list_of_strings(tmp_path, hotpot_path, aliases, problem):
+    record = json.loads(hotpot_path.read_text())[0]
+    record["answer_aliases"] = aliases
+    with pytest.raises(DataFormatError, match=rf"record 0, field 'answer_aliases': expected a list of strings, got {problem}"):
+        load_items("hotpotqa", _write(tmp_path, "aliases.json", [record]))
+    record["answer_aliases"] = ["Paris"]
+    assert load_items("hotpotqa", _write(tmp_path, "ok.json", [record]))[0].question.answers[1:] == ("Paris",)
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"question": "Qui a créé X?"}]'.encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin1\.json: not UTF-8 text \(byte 0xe9 at offset 23\)"):
+        load_items("hotpotqa", path)
+
+
+def test_a_truncated_json_list_names_the_record(tmp_path, hotpot_path):
+    text = json.dumps(json.loads(hotpot_path.read_text())[:3])
+    with pytest.raises(DataFormatError, match=r"trunc\.json: not JSON: .*\(record 2, line 1, column \d+") as caught:
+        load_items("hotpotqa", _write(tmp_path, "trunc.json", text[:int(len(text) * 0.9)]))
+    assert "at at" not in str(caught.value) and "a truncated download?" in str(caught.value)
+
+
+def test_musique_paragraph_errors_name_the_paragraph(tmp_path):
+    row = json.loads((FIXTURES / "musique_ans_dev_sample.jsonl").read_text().splitlines()[0])
+    del row["paragraphs"][1]["paragraph_text"]
+    with pytest.raises(DataFormatError, match=r"line 1, field 'paragraphs\[1\]\.paragraph_text': missing"):
+        load_items("musique", _write(tmp_path, "p.jsonl", json.dumps(row)))
+    row["paragraphs"][1] = None
+    with pytest.raises(DataFormatError, match=r"field 'paragraphs\[1\]': expected a JSON object, got null"):
+        load_items("musique", _write(tmp_path, "p2.jsonl", json.dumps(row)))
+
+
+def test_jsonl_errors_name_the_line_after_blank_lines(tmp_path):
+    lines = (FIXTURES / "musique_ans_dev_sample.jsonl").read_text().splitlines()
+    broken = json.loads(lines[1])
+    del broken["question"]
+    path = _write(tmp_path, "gaps.jsonl", "\n".join([lines[0], "", "", json.dumps(broken)]))
+    with pytest.raises(DataFormatError, match=r"gaps\.jsonl, line 4, field 'question': missing"):
+        load_items("musique", path)
+
+
+def test_skipped_records_are_shown_in_a_warning_and_the_reset_info(tmp_path, hotpot_path):
+    records = json.loads(hotpot_path.read_text())[:6]
+    del records[2]["question"]
+    path = _write(tmp_path, "x.json", records)
+    with pytest.warns(UserWarning, match=r"5 records loaded, 1 malformed ones skipped.*record 2, field 'question'"):
+        source = make_task_source("hotpotqa", data_path=str(path), skip_malformed=True)
+    info = AtomMemEnv(dataset=source, embedder="hashing").reset(seed=0)[1]
+    assert info["records_loaded"] == 5 and info["records_skipped"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from ..tokens import make_token_counter
 from .compose import SPLITS, ComposedTaskSource, select_split, split_of
 from .loaders import DATASETS, DataFormatError, LoadStats, QAItem, load_items
@@ -21,6 +23,8 @@ def make_task_source(dataset: str = "synthetic", *, data_path=None, split: str =
       questions, ...); `context_tokens` sets the document length; `max_tasks` bounds the pool.
     - "hotpotqa" / "2wiki" / "musique": `data_path` is the user's file; `split`, `context_tokens`,
       `num_documents` and `multi_query` as in `ComposedTaskSource`; `max_tasks` keeps the first N.
+      Skipped (`skip_malformed`) and unanswerable records are counted in a warning and in the
+      source's `load_stats` (the env's reset info shows them).
     """
     if max_tasks is not None and max_tasks <= 0:
         raise ValueError(f"max_tasks must be positive or None, got {max_tasks}")
@@ -35,8 +39,15 @@ def make_task_source(dataset: str = "synthetic", *, data_path=None, split: str =
         return SyntheticTaskSource(split=split, num_tasks=max_tasks, seed=seed, **knobs)
     if synthetic:
         raise ValueError(f"synthetic= knobs apply to the synthetic dataset, not {dataset!r}")
-    items = select_split(load_items(dataset, data_path, skip_malformed=skip_malformed), split)
+    stats = LoadStats()
+    items = select_split(load_items(dataset, data_path, skip_malformed=skip_malformed, stats=stats), split)
+    if stats.skipped or stats.unanswerable:
+        first = f"; first error: {stats.errors[0]}" if stats.errors else ""
+        warnings.warn(f"{data_path}: {stats.loaded} records loaded, {stats.skipped} malformed ones skipped, "
+                      f"{stats.unanswerable} unanswerable ones left out{first}", stacklevel=2)
     if max_tasks is not None:
         items = items[:max_tasks]
-    return ComposedTaskSource(items, make_token_counter(token_counter), context_tokens=context_tokens,
-                              num_documents=num_documents, multi_query=multi_query, seed=seed, name=dataset)
+    source = ComposedTaskSource(items, make_token_counter(token_counter), context_tokens=context_tokens,
+                                num_documents=num_documents, multi_query=multi_query, seed=seed, name=dataset)
+    source.load_stats = stats
+    return source

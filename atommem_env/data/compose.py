@@ -5,8 +5,9 @@ dataset's distractors) are padded with paragraphs drawn from the other questions
 split until the document reaches `context_tokens` tokens, then everything is shuffled, so the
 gold paragraphs sit at seeded random positions. Paragraphs whose title is one of the question's
 gold titles are never drawn as padding. When the pool runs out (a small file, a 1M-token
-target) it is drawn again in a new order, and the repeats are counted in the task metadata
-(`repeated_paragraphs`). `num_documents` pads to a number of paragraphs instead of tokens.
+target) it is drawn again in a new order; the repeats are counted in the task metadata
+(`repeated_paragraphs`, also in the env's reset info), and the first task that repeats warns,
+naming the pool's size. `num_documents` pads to a number of paragraphs instead of tokens.
 
 Multi-query (`multi_query=True`, the paper's training mix): a group of consecutive questions is
 1 with probability 0.5, otherwise uniform over 2-10; the document is the gold paragraphs of the
@@ -21,6 +22,7 @@ lowest 20%, else "train"; "all" keeps every question. Padding and groups come fr
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 
@@ -75,6 +77,7 @@ class ComposedTaskSource:
                 pool.setdefault(p.title, p)
         self.pool = list(pool.values())
         self._pool_tokens = np.full(len(self.pool), -1, dtype=np.int64)
+        self._warned_repeats = False
 
     def sample(self, rng: np.random.Generator) -> Task:
         return self.get(int(rng.integers(self.num_tasks)))
@@ -128,6 +131,12 @@ class ComposedTaskSource:
                 padding, repeats = self._padding(rng, exclude, None, max(self.num_documents - len(own), 0))
             else:
                 padding, repeats = [], 0
+        if repeats and not self._warned_repeats:
+            self._warned_repeats = True
+            target = f"context_tokens={self.context_tokens}" if self.context_tokens else f"num_documents={self.num_documents}"
+            warnings.warn(f"{self.name}: the pool of {len(self.pool)} distinct paragraphs is too small for {target}: "
+                          f"task {index} repeats {repeats} paragraphs (each task's count is in info['repeated_paragraphs']); "
+                          "use a larger file or a shorter document", stacklevel=2)
         paragraphs = own + padding
         order = rng.permutation(len(paragraphs))
         metadata = (("dataset", self.name), ("index", index), ("seed", self.seed),
