@@ -135,7 +135,25 @@ def markdown(results: dict, args: Args) -> str:
             lines.append(f"| {policy} | {length} | {r['em']:.3f} ± {r['em_stderr']:.3f} | {r['f1']:.3f} | {ops} | "
                          f"{r['invalid_ops_per_episode']:.1f} | {r['valid_op_rate']:.3f} | {r['tokens_shown_per_episode']:.0f} | "
                          f"{r['seconds_per_episode']:.2f} | {r['failed_episodes']} |")
+    lines += ["", explanation(args)]
     return "\n".join(lines) + "\n"
+
+
+def explanation(args: Args) -> str:
+    """The line under the table: what the numbers mean for the policies in it."""
+    rule = "the official boxed rule" if protocol_of(args.env_id) == "paper" else "SQuAD normalisation"
+    parts = [f"EM: share of episodes answered exactly ({rule}), ± standard error; F1: token overlap."]
+    if "oracle" in args.policies:
+        parts.append("oracle stores the gold facts: the ceiling.")
+    if "random" in args.policies or "noop" in args.policies:
+        parts.append("random/noop: the floor.")
+    readers = [p for p in args.policies if p in READER_POLICIES]
+    if readers:
+        parts.append(f"{', '.join(readers)} answer with the reader {args.model}; the answer is its last 'Answer:' line "
+                     "or \\boxed{} (raw replies in the JSON, `raw_answers`).")
+    if "llm" in args.policies:
+        parts.append(f"llm: {args.model} writes the memory operations itself.")
+    return " ".join(parts)
 
 
 def plot(results: dict, path: Path) -> None:

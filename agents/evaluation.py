@@ -130,6 +130,7 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
                 "task_id": info["task_id"][i], "em": 0.0 if failed[i] else float(info["em"][i]),
                 "f1": 0.0 if failed[i] else float(info["f1"][i]), "failed": failed[i],
                 "answer": info["answers"][i], "gold": info["gold_answers"][i],
+                "raw_answers": [out.raw_answer for _, out in steps[i] if out.raw_answer is not None],
                 "ops": {k: int(info["op_counts"][k][i]) for k in OP_KEYS + ("answer",)},
                 "invalid_ops": int(info["total_invalid_ops"][i]), "tokens_shown": int(info["tokens_shown"][i]),
                 "num_chunks": int(info["num_chunks"][i]), "num_steps": len(steps[i]),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atommem_env.protocols import Answer, Create, Read, SetScratchpad, Update, format_ops
+from atommem_env.scoring import last_boxed
 from atommem_env.tasks import Task
 
 from .backends import Generation
@@ -36,6 +37,8 @@ class PolicyOutput:
     generation: Generation | None = None
     messages: list[dict] | None = None
     """The chat prompt an LLM policy saw (kept for SFT data)."""
+    raw_answer: str | None = None
+    """A workflow's reader reply before `extract_answer` (kept in eval reports beside the answer)."""
 
 
 def unbatch(observations: dict, num_envs: int) -> list[dict]:
@@ -155,11 +158,21 @@ class OraclePolicy(Policy):
         return format_ops(ops)
 
 
+def extract_answer(text: str) -> str:
+    r"""The short answer in a reader's reply, as the literature's baselines take it: the last `\boxed{...}`, else
+    what follows the last "Answer:", else the first line; without surrounding quotes, `**` and a final period."""
+    boxed = last_boxed(text)
+    if boxed is None:
+        marked = re.findall(r"answer\s*:\s*(.+)", text, re.IGNORECASE)
+        text = marked[-1] if marked else _first_line(text)
+    return re.sub(r"^[\s\"'*]+|[\s\"'*.]+$", "", boxed if boxed is not None else text)
+
+
 class ReaderWorkflow(Policy):
     """Shared machinery of the static workflows: batched calls to a reader backend."""
 
-    answer_instruction = ("Answer the question using the context. Reply with the answer only: a few words, "
-                          "a name, a number, or yes/no.")
+    answer_instruction = ("Answer the question using the context. The answer is short: a name, a number, a date, "
+                          "a few words, or yes/no. End your reply with one line of the form 'Answer: <answer>'.")
 
     def __init__(self, reader):
         if reader is None:
@@ -174,7 +187,7 @@ class ReaderWorkflow(Policy):
             if generation.error:
                 outputs[row] = PolicyOutput("", error=generation.error)
             else:
-                outputs[row] = PolicyOutput(wrap(_first_line(generation.text)))
+                outputs[row] = PolicyOutput(wrap(extract_answer(generation.text)), raw_answer=generation.text)
 
 
 def _first_line(text: str) -> str:

@@ -1,4 +1,5 @@
 import json
+import runpy
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from agents import POLICIES, HFGenerator, OpenAIGenerator, build_messages, make_
 from agents.models import build_tiny_model, load_causal_lm
 from atommem_env.protocols import parse_action
 
-from conftest import REPO
+from conftest import FIXTURES, HOTPOT_HF, REPO
 
 
 @pytest.fixture(scope="session")
@@ -239,6 +240,23 @@ def test_eval_end_to_end_writes_reports(tmp_path):
     assert "| oracle | 300 | 1.000" in (tmp_path / "eval.md").read_text()
 
 
+EVAL_DATA = {"hotpotqa": ("--data-path", str(HOTPOT_HF)),
+             "2wiki": ("--data-path", str(FIXTURES / "2wiki_dev_sample.json"), "--split", "all"),
+             "musique": ("--data-path", str(FIXTURES / "musique_ans_dev_sample.jsonl"), "--split", "all")}
+
+
+@pytest.mark.parametrize("env_id", sorted(atommem_env.ENV_IDS))
+def test_eval_runs_every_registered_id_with_the_oracle_at_em_one(env_id, tmp_path, monkeypatch):
+    """eval.py itself (in this process, to spare an interpreter start per id), on the id's registered settings."""
+    flags = ["--env-id", env_id, "--policies", "oracle", "--context-tokens", "0", "--num-episodes", "2",
+             "--num-envs", "2", "--embedder", "hashing", "--output-dir", str(tmp_path),
+             *EVAL_DATA.get(atommem_env.DATA_ENV_IDS.get(env_id), ())]
+    monkeypatch.setattr(sys, "argv", ["eval.py", *flags])
+    runpy.run_path(str(REPO / "eval.py"), run_name="__main__")
+    (cell,) = json.loads((tmp_path / "eval.json").read_text())["results"]["oracle"].values()
+    assert cell["em"] == 1.0 and cell["episodes"] == 2 and cell["invalid_ops_per_episode"] == 0
+
+
 def test_eval_is_deterministic(tmp_path):
     for run in ("a", "b"):
         assert _eval("--policies", "random", "oracle", "--output-dir", str(tmp_path / run)).returncode == 0
@@ -305,3 +323,30 @@ def test_eval_env_kwargs_arrive_typed_and_flags_read_well(tmp_path):
     grpo_usage = subprocess.run([sys.executable, "train_grpo.py", "--help"], cwd=REPO, capture_output=True,
                                 text=True).stdout
     assert "--extra" not in grpo_usage and "--backend" in grpo_usage
+
+
+class SentenceReader:
+    """A reader that answers the way small chat models do: a sentence, then the requested answer line."""
+
+    def generate(self, batch):
+        from agents.backends import Generation
+
+        return [Generation("The tower stands in the city of Paris.\nAnswer: **Paris**.") for _ in batch]
+
+
+@pytest.mark.parametrize("reply, answer", [("Answer: Montreal, Quebec.", "Montreal, Quebec"),
+                                           ("Thinking...\nanswer: 'yes'", "yes"), ("so it is \\boxed{42}.", "42"),
+                                           ("Paris is the answer.\nIt is old.", "Paris is the answer")])
+def test_reader_answers_are_extracted_by_the_documented_rule(reply, answer):
+    from agents.policies import extract_answer
+
+    assert extract_answer(reply) == answer
+
+
+def test_reader_workflows_score_the_extracted_answer_and_keep_the_raw_reply():
+    from agents.evaluation import episode_schedules, make_vector_env
+    from agents.evaluation import run_episodes as run_scheduled
+    envs = make_vector_env("AtomMem/SyntheticEasy-v0", {"embedder": "hashing", "split": "eval"}, 1)
+    records = run_scheduled(envs, make_policy("no-memory", generator=SentenceReader()), episode_schedules(1, 1), seed=0)
+    assert records[0]["answer"] == ("Paris",)
+    assert records[0]["raw_answers"] == ["The tower stands in the city of Paris.\nAnswer: **Paris**."]
