@@ -63,6 +63,9 @@ class Args:
     """modules LoRA adapts"""
     num_iterations: int = 30
     """rollout + update rounds"""
+    time_limit_minutes: float = 0.0
+    """stop after the first iteration that ends past this many minutes from the start of training, evaluating and
+    saving as at the last iteration (0: no limit)"""
     tasks_per_iteration: int = 8
     """distinct tasks per rollout batch (drawn from the train split without replacement where it is big enough)"""
     group_size: int = 4
@@ -290,8 +293,8 @@ if __name__ == "__main__":
         raise SystemExit("error: --group-size must be at least 2 (advantages are relative to the group)")
     if min(args.num_iterations, args.tasks_per_iteration, args.minibatch_size, args.micro_batch_size,
            args.update_epochs, args.max_new_tokens, args.num_envs, args.max_prompt_tokens) <= 0 \
-            or args.temperature <= 0 or args.eval_episodes < 0:
-        raise SystemExit("error: counts and sizes must be positive and --temperature > 0")
+            or args.temperature <= 0 or args.eval_episodes < 0 or args.time_limit_minutes < 0:
+        raise SystemExit("error: counts and sizes must be positive, --temperature > 0 and --time-limit-minutes >= 0")
     num_envs = args.tasks_per_iteration * args.group_size
     args.num_rollout_envs = num_envs
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -377,6 +380,7 @@ if __name__ == "__main__":
 
     maybe_evaluate(start_iteration, force=True)
     start_time = time.time()
+    args.iterations_done = start_iteration
     for iteration in range(start_iteration + 1, args.num_iterations + 1):
         # 1. Rollout: G episodes per task, sampled with temperature; keep token ids and log-probs.
         #    Each process runs whole groups; then every process holds all episodes and samples.
@@ -487,19 +491,26 @@ if __name__ == "__main__":
                   f"samples={len(samples)} loss={np.mean(stats['loss'] or [0]):.4f} "
                   f"clipfrac={np.mean(stats['clipfrac'] or [0]):.3f} approx_kl={np.mean(stats['approx_kl'] or [0]):.2e} "
                   f"rollout={rollout_time:.1f}s update={update_time:.1f}s")
-        maybe_evaluate(iteration, force=iteration == args.num_iterations)
-        saving = args.save_every and iteration % args.save_every == 0 or iteration == args.num_iterations
+        # Every process decides from the main process's clock, so all stop after the same iteration.
+        last = iteration == args.num_iterations or broadcast_object_list(
+            [bool(args.time_limit_minutes) and time.time() - start_time > 60 * args.time_limit_minutes])[0]
+        maybe_evaluate(iteration, force=last)
+        saving = args.save_every and iteration % args.save_every == 0 or last
         if saving and accelerator.is_main_process:
             save_checkpoint(Path(args.save_dir) / run_name / "checkpoint", lm, tokenizer, args, base_model, base_gguf,
                             {"optimizer": optimizer.state_dict(), "iteration": iteration, "reference": reference_spec},
                             merged_adapters)
+        if last:
+            args.iterations_done = iteration
+            break
 
     envs.close()
     accelerator.wait_for_everyone()
     if writer:
         summary = {"run_name": run_name, "checkpoint": str(Path(args.save_dir) / run_name / "checkpoint"),
                    "seconds": time.time() - start_time, "peak_memory_mb": peak_memory_mb(), "eval_history": history,
-                   "num_processes": world, "num_train_tasks": task_count}
+                   "num_processes": world, "num_train_tasks": task_count,
+                   "iterations": args.iterations_done}
         (Path(args.save_dir) / run_name / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
         writer.close()

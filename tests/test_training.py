@@ -116,6 +116,12 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
                    "--save-dir", str(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "iter=3 " in resumed.stdout and "iter=1 " not in resumed.stdout
+    timed = _run("train_grpo.py", *flags, "--num-iterations", "50", "--time-limit-minutes", "0.0001",
+                 "--save-dir", str(tmp_path / "c"))
+    assert timed.returncode == 0, timed.stderr[-3000:]
+    run, summary = _summary(tmp_path / "c")  # the first iteration ends past the limit: evaluated and saved as the last
+    assert summary["iterations"] == 1 and [h["iteration"] for h in summary["eval_history"]] == [0, 1]
+    assert (run / "checkpoint" / "trainer_state.pt").is_file()
 
 
 def _torchrun(script, *flags):
@@ -152,6 +158,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--loss-type", "ppo"], "--loss-type"), (["--group-size", "1"], "at least 2"),
     (["--reward", "bleu"], "--reward"), (["--temperature", "0"], "--temperature"),
+    (["--time-limit-minutes", "-1"], "--time-limit-minutes"),
 ])
 def test_grpo_bad_flags(flags, message, tmp_path):
     result = _run("train_grpo.py", "--save-dir", str(tmp_path), *flags, timeout=120)
