@@ -159,13 +159,21 @@ class OraclePolicy(Policy):
 
 
 def extract_answer(text: str) -> str:
-    r"""The short answer in a reader's reply, as the literature's baselines take it: the last `\boxed{...}`, else
-    what follows the last "Answer:", else the first line; without surrounding quotes, `**` and a final period."""
+    r"""The short answer in a reader's reply: the last `\boxed{...}`, else what follows the last "Answer:" (the
+    literature's two conventions), else the reply's first sentence, and when that sentence reads "<...> is <answer>"
+    (small models restate the question: "The head of state of X is Y."), what follows its last is/was/are/were.
+    Surrounding quotes, `**` and a final period are dropped."""
     boxed = last_boxed(text)
-    if boxed is None:
-        marked = re.findall(r"answer\s*:\s*(.+)", text, re.IGNORECASE)
-        text = marked[-1] if marked else _first_line(text)
-    return re.sub(r"^[\s\"'*]+|[\s\"'*.]+$", "", boxed if boxed is not None else text)
+    if boxed is not None:
+        answer = boxed
+    elif marked := re.findall(r"answer\s*:\s*(.+)", text, re.IGNORECASE):
+        answer = marked[-1]
+    else:
+        answer = re.split(r"(?<=[.!?])\s", _first_line(text), maxsplit=1)[0]
+        copula = re.search(r".*\b(?:is|was|are|were)\s+(\S.*)$", answer)
+        if copula:
+            answer = copula.group(1)
+    return re.sub(r"^[\s\"'*]+|[\s\"'*.]+$", "", answer)
 
 
 class ReaderWorkflow(Policy):

@@ -336,7 +336,9 @@ class SentenceReader:
 
 @pytest.mark.parametrize("reply, answer", [("Answer: Montreal, Quebec.", "Montreal, Quebec"),
                                            ("Thinking...\nanswer: 'yes'", "yes"), ("so it is \\boxed{42}.", "42"),
-                                           ("Paris is the answer.\nIt is old.", "Paris is the answer")])
+                                           ("The head of state of Galrelstan is Poxbak Zothrurt. It is old.",
+                                            "Poxbak Zothrurt"), ("Yes, it is.", "Yes, it is"),
+                                           ("Paris\nIt is old.", "Paris")])
 def test_reader_answers_are_extracted_by_the_documented_rule(reply, answer):
     from agents.policies import extract_answer
 
