@@ -27,8 +27,9 @@ from agents.evaluation import evaluate_policy, length_label, make_env_kwargs, pr
 class Args:
     policies: tuple[str, ...] = ("oracle", "rag", "no-memory", "random")
     """policies to evaluate: noop, random, oracle, no-memory, memagent, rag, write-only, read-only, llm"""
-    env_id: str = "AtomMem/Synthetic-v0"
-    """a registered AtomMem env id"""
+    env_id: str = "AtomMem/SyntheticEasy-v0"
+    """a registered AtomMem env id (the default: one-hop questions, which a retrieve-then-read baseline with a
+    135M reader can answer at times; AtomMem/Synthetic-v0 has 2-3 hops)"""
     data_path: str | None = None
     """the dataset file, for the HotpotQA / 2Wiki / MuSiQue ids"""
     split: str = "eval"
