@@ -240,6 +240,7 @@ class AtomMemEnv(gym.Env):
                                    precision=index_precision, device=device)
         self.scratchpad = Scratchpad(max_scratchpad_chars)
         self._count_cache: dict[str, int] = {}
+        self._text_counts: dict[str, int] = {}
 
         self.action_space = UnicodeText(self.max_action_chars)
         self.observation_space = spaces.Dict({
@@ -525,6 +526,15 @@ class AtomMemEnv(gym.Env):
             text = f"{text}\n{line}" if text else line
         return text
 
+    def _count_once(self, text: str) -> int:
+        """Token count of the question or query, recounted only when the text changes (they repeat every step)."""
+        cached = self._text_counts.get(text)
+        if cached is None:
+            if len(self._text_counts) > 64:
+                self._text_counts.clear()
+            cached = self._text_counts[text] = self.token_counter.count(text)
+        return cached
+
     def _question_text(self) -> str:
         questions = self.task.questions
         if self.protocol == "paper" and self.chunk_index >= len(self.chunker):  # answered one at a time
@@ -544,7 +554,7 @@ class AtomMemEnv(gym.Env):
         else:
             left = self.max_reads_per_chunk - self.steps_on_chunk
         question = self._question_text()
-        self.tokens_shown += (self.token_counter.count(question) + self.token_counter.count(self.query)
+        self.tokens_shown += (self._count_once(question) + self._count_once(self.query)
                               + (0 if answering else self.chunker.chunk_token_count(self.chunk_index))
                               + self.token_counter.count(scratchpad) + self.token_counter.count(retrieved))
         return {
