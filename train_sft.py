@@ -124,7 +124,7 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
     """Runs the teacher on train-split tasks 0..N-1 (each at its --context-tokens length); one sample per step of
     every kept episode."""
     protocol = protocol_of(args.env_id)
-    needs_model = args.teacher not in ("oracle", "random", "noop")
+    needs_model = args.teacher not in ("oracle", "oracle-broad", "random", "noop")
     try:
         teacher = make_policy(args.teacher, protocol=protocol, seed=args.seed,
                               generator=make_generator(args.teacher_model, device="cpu") if needs_model else None)

@@ -9,7 +9,7 @@ __all__ = ["Policy", "PolicyOutput", "unbatch", "build_messages", "make_policy",
            "NoOpPolicy", "RandomPolicy", "OraclePolicy", "NoMemoryPolicy", "MemAgentPolicy", "RAGPolicy", "LLMPolicy",
            "Generation", "HFGenerator", "OpenAIGenerator"]
 
-POLICIES = ("noop", "random", "oracle", "no-memory", "memagent", "rag", "write-only", "read-only", "llm")
+POLICIES = ("noop", "random", "oracle", "oracle-broad", "no-memory", "memagent", "rag", "write-only", "read-only", "llm")
 READER_POLICIES = ("no-memory", "memagent", "rag", "write-only", "read-only")
 
 
@@ -40,8 +40,8 @@ def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: i
         return NoOpPolicy()
     if name == "random":
         return RandomPolicy(seed)
-    if name == "oracle":
-        return OraclePolicy(protocol)
+    if name in ("oracle", "oracle-broad"):
+        return OraclePolicy(protocol, look_alikes=name == "oracle-broad")
     if name in READER_POLICIES and protocol != "atommem":
         raise ValueError(f"the {name} workflow writes the atommem protocol")
     if name == "no-memory":

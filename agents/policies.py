@@ -24,7 +24,7 @@ import numpy as np
 
 from atommem_env.protocols import Answer, Create, Read, SetScratchpad, Update, format_ops
 from atommem_env.scoring import last_boxed
-from atommem_env.tasks import Task
+from atommem_env.tasks import SupportingFact, Task
 
 from .backends import Generation
 from .prompt import build_messages, reader_messages
@@ -101,12 +101,22 @@ class OraclePolicy(Policy):
     ranks are not stable ids, so no modify) and answers the question shown,
     `<final_answer>\\boxed{gold}</final_answer>`, one per step as the questions come.
     Its state is kept per slot (env index), so episodes of the same task in two envs do not mix.
+
+    With `look_alikes=True` (the `oracle-broad` teacher) it also stores the task's distractor
+    sentences about look-alike entities (synthetic tasks list them in `look_alike_facts`) as they
+    come, and leaves telling them apart to the Read: the question names its entity exactly, so a
+    Read with it ranks the supporting entry first. A small policy learns that strategy (copy every
+    sentence of the asked relation, answer from the top entry) more easily than spotting a one-letter
+    difference while it writes.
     """
 
     name = "oracle"
 
-    def __init__(self, protocol: str = "atommem"):
+    def __init__(self, protocol: str = "atommem", look_alikes: bool = False):
         self.protocol = protocol
+        self.look_alikes = look_alikes
+        if look_alikes:
+            self.name = "oracle-broad"
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
         self.pending: dict[int, list[str]] = {}  # slot -> keys of the Creates sent last step, in order
         self.stored: dict[int, set[str]] = {}  # slot -> fact texts written this episode
@@ -121,11 +131,13 @@ class OraclePolicy(Policy):
         """The supporting facts in this chunk not written before in the episode, each once."""
         fresh = int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
         stored = self.stored[slot] = set() if fresh else self.stored.get(slot, set())
-        for question in task.questions:
-            for fact in question.supporting_facts:
-                if fact.text and fact.text in obs["chunk"] and fact.text not in stored:
-                    stored.add(fact.text)
-                    yield fact
+        look_alikes = task.meta.get("look_alike_facts", ()) if self.look_alikes else ()
+        facts = [fact for question in task.questions for fact in question.supporting_facts]
+        facts += [SupportingFact(title="", sentence_index=-1, text=text) for text in look_alikes]
+        for fact in sorted(facts, key=lambda fact: obs["chunk"].find(fact.text)):
+            if fact.text and fact.text in obs["chunk"] and fact.text not in stored:
+                stored.add(fact.text)
+                yield fact
 
     def _act_paper(self, slot: int, obs: dict, task: Task) -> str:
         if answering(obs):

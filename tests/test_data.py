@@ -168,6 +168,20 @@ def test_synthetic_is_deterministic_and_answers_are_in_the_document():
     assert generate_task(1) != generate_task(2)
 
 
+def test_synthetic_tasks_list_their_look_alike_distractors():
+    for seed in range(10):
+        task = generate_task(seed, context_tokens=600, distractors=3, hops=(1, 2), volatility=0.0)
+        look_alikes = task.meta["look_alike_facts"]
+        text = "\n".join(p.text for p in task.paragraphs)
+        supporting = {f.text for f in task.questions[0].supporting_facts}
+        assert len(look_alikes) == 3 and all(s in text for s in look_alikes) and not supporting & set(look_alikes)
+        words = {w for f in supporting for w in f.split()}
+        for look_alike in look_alikes:  # its entity is one letter away from one the question chain names
+            assert any(len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+                       for a in look_alike.split() for b in words)
+    assert generate_task(0, distractors=0).meta["look_alike_facts"] == ()
+
+
 def test_synthetic_volatile_facts_are_superseded_later():
     changed = 0
     for seed in range(30):

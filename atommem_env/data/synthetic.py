@@ -12,7 +12,8 @@ A task is built from its seed alone:
    value has facts of its own, so an agent that never updates its memory answers wrongly.
    With the same probability the answer entity is renamed after it was mentioned
    ("X was renamed Y"), and the gold answer is the current name.
-4. `distractors` facts about look-alike entities (one letter changed) with the same relations.
+4. `distractors` facts about look-alike entities (one letter changed) with the same relations;
+   their sentences are listed in the task's metadata as `look_alike_facts`.
    With `name_pool=N`, every entity name (not the look-alikes) is drawn from a fixed inventory
    of N invented names per kind, the same for every task: answers come from a closed set a
    small model can learn, while the document still decides which one is right.
@@ -102,6 +103,8 @@ class _Fact:
     """Index of a fact this one must follow in the document."""
     question: int | None = None
     """The question this fact supports (None for distractors)."""
+    look_alike: bool = False
+    """A distractor about a look-alike entity, recorded in the task's metadata (`look_alike_facts`)."""
 
 
 class SyntheticWorld:
@@ -233,7 +236,7 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
             hop = int(rng.integers(len(relations)))
             relation = relations[hop]
             twin = world.look_alike(entities[hop])
-            facts.append(_Fact(relation.statement.format(s=twin, o=world.new_name(relation.object))))
+            facts.append(_Fact(relation.statement.format(s=twin, o=world.new_name(relation.object)), look_alike=True))
 
     counter = RegexTokenCounter()
     fact_tokens = sum(counter.count(f.text) for f in facts)
@@ -282,7 +285,7 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
     return Task(task_id=task_id or f"synthetic-{seed}", paragraphs=tuple(paragraphs), questions=tuple(questions_out),
                 metadata=(("dataset", "synthetic"), ("seed", seed), ("context_tokens", context_tokens),
                           ("hops", hops), ("distractors", distractors), ("volatility", volatility),
-                          ("name_pool", name_pool)))
+                          ("name_pool", name_pool), ("look_alike_facts", tuple(f.text for f in facts if f.look_alike))))
 
 
 class SyntheticTaskSource:
