@@ -296,6 +296,7 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     evaluate_and_log(model, tokenizer, args, step, writer, accelerator, engine)
 
+    train_seconds = time.time() - start_time  # the summary's rate leaves out the save and the final evaluation
     checkpoint = Path(args.save_dir) / run_name / "checkpoint"
     if accelerator.is_main_process:
         save_checkpoint(checkpoint, model, tokenizer, args, base_model, base_gguf,
@@ -304,7 +305,7 @@ if __name__ == "__main__":
     final = evaluate_and_log(model, tokenizer, args, step, writer, accelerator, engine) if args.eval_episodes else {}
     if accelerator.is_main_process:
         summary = {"run_name": run_name, "checkpoint": str(checkpoint), "steps": step,
-                   "train_tokens_per_second": tokens_seen / (time.time() - start_time),
+                   "train_seconds": train_seconds, "train_tokens_per_second": tokens_seen / train_seconds,
                    "peak_memory_mb": peak_memory_mb(), **teacher_stats}
         if final:
             summary["eval"] = {k: {m: v[m] for m in ("em", "f1", "valid_op_rate", "prompt_cut_rate", "ops_per_episode")}

@@ -37,6 +37,7 @@ def sft_checkpoint(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     run, summary = _summary(save_dir)
     assert summary["teacher_em"] == 1.0 and summary["steps"] >= 1 and "300" in summary["eval"]
+    assert 0 < summary["train_seconds"] and summary["train_tokens_per_second"] > 0
     assert list(run.glob("events.out.tfevents.*"))
     return run / "checkpoint", traj
 
