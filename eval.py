@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import atommem_env
 from agents import POLICIES, READER_POLICIES, make_generator, make_policy
-from agents.evaluation import evaluate_policy, length_label, make_env_kwargs, protocol_of
+from agents.evaluation import evaluate_policy, length_label, make_env_kwargs, parse_env_kwargs, protocol_of
 
 
 @dataclass
@@ -98,17 +98,6 @@ def env_kwargs(args: Args, context_tokens: int) -> dict:
     extra.update(parse_env_kwargs(args.env_kwargs))
     return make_env_kwargs(args.env_id, split=args.split, data_path=args.data_path, embedder=args.embedder,
                            context_tokens=context_tokens, chunk_tokens=args.chunk_tokens, extra=extra)
-
-
-def parse_env_kwargs(text: str) -> dict:
-    """--env-kwargs: a JSON object, so numbers, booleans and null arrive typed."""
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--env-kwargs must be a JSON object like '{{\"top_k\": 3}}': {err}") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--env-kwargs must be a JSON object, got {type(kwargs).__name__}")
-    return kwargs
 
 
 def prompt_budget(args: Args) -> int:

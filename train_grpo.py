@@ -47,6 +47,9 @@ class Args:
     """document length of training episodes (default: the env id's registered setting)"""
     chunk_tokens: int | None = None
     """chunk size (default: the env id's registered setting)"""
+    env_kwargs: str = "{}"
+    """extra gym.make arguments as a JSON object, e.g. '{"top_k": 3}'; a key replaces the id's registered value
+    (`synthetic` as a whole)"""
     embedder: str = "hashing"
     """memory embedder of the envs"""
     model: str = "tiny"
@@ -281,7 +284,7 @@ def disable_dropout(model) -> None:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_env_args(args.env_id, args.data_path)
+    check_env_args(args.env_id, args.data_path, args.env_kwargs)
     check_backend_args(args)
     if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
         raise SystemExit(f"error: --loss-type must be grpo, dapo or dr_grpo, got {args.loss_type!r}")

@@ -44,6 +44,9 @@ class Args:
     two thirds 400 tokens (default: the env id's registered setting)"""
     chunk_tokens: int | None = None
     """chunk size of training and evaluation episodes (default: the env id's registered setting)"""
+    env_kwargs: str = "{}"
+    """extra gym.make arguments as a JSON object, e.g. '{"top_k": 3}'; a key replaces the id's registered value
+    (`synthetic` as a whole)"""
     embedder: str = "hashing"
     """memory embedder of the envs"""
     teacher: str = "oracle"
@@ -189,7 +192,7 @@ def sft_loss(scorer, batch: dict, step_tokens: int, num_processes: int):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_env_args(args.env_id, args.data_path)
+    check_env_args(args.env_id, args.data_path, args.env_kwargs)
     check_backend_args(args)
     if args.trajectories and not Path(args.trajectories).is_file():
         raise SystemExit(f"error: --trajectories {args.trajectories} does not exist")

@@ -7,6 +7,7 @@ the same settings and the same loop everywhere.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable
 
@@ -19,6 +20,17 @@ from atommem_env.wrappers import TaskSchedule
 from .policies import Policy, unbatch
 
 OP_KEYS = ("create", "read", "update", "delete", "scratchpad", "query")
+
+
+def parse_env_kwargs(text: str) -> dict:
+    """--env-kwargs: a JSON object, so numbers, booleans and null arrive typed."""
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--env-kwargs must be a JSON object like '{{\"top_k\": 3}}': {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--env-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    return kwargs
 
 
 def make_env_kwargs(env_id: str, *, split: str, data_path: str | None = None, embedder: str | None = None,

@@ -7,6 +7,7 @@ one loads in the other and in eval.py (`--model <checkpoint dir>`).
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import resource
 import shutil
@@ -159,14 +160,25 @@ def start_vllm_engine(args, accelerator, model, base_model: str, base_gguf: str 
     return engine
 
 
-def check_env_args(env_id: str, data_path: str | None) -> None:
-    """Exits with a clear message for an unknown id or a dataset id without an existing data file."""
+def check_env_args(env_id: str, data_path: str | None, env_kwargs: str = "{}") -> None:
+    """Exits with a clear message for an unknown id, a dataset id without an existing data file, or --env-kwargs
+    that is not a JSON object of the env's arguments."""
     import atommem_env
+    from atommem_env.env import AtomMemEnv
+
+    from .evaluation import parse_env_kwargs
 
     if env_id not in atommem_env.ENV_IDS:
         raise SystemExit(f"error: unknown env id {env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
     if env_id in atommem_env.DATA_ENV_IDS and not (data_path and Path(data_path).is_file()):
         raise SystemExit(f"error: {env_id} needs --data-path pointing at an existing file")
+    try:
+        extra = parse_env_kwargs(env_kwargs)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    unknown = sorted(set(extra) - set(inspect.signature(AtomMemEnv.__init__).parameters) - {"self"})
+    if unknown:
+        raise SystemExit(f"error: --env-kwargs: {unknown} are not arguments of the env (atommem_env/env.py)")
 
 
 def setup_model(model: str, gguf_file: str | None, resume: str | None, lora_r: int, lora_alpha: int,
@@ -268,10 +280,11 @@ def hparams_table(args) -> str:
 
 def trainer_env_kwargs(args, split: str, context_tokens: int | None) -> dict:
     """`make_env_kwargs` from a trainer's Args: the id's registered settings unless a flag says otherwise."""
-    from .evaluation import make_env_kwargs
+    from .evaluation import make_env_kwargs, parse_env_kwargs
 
     return make_env_kwargs(args.env_id, split=split, data_path=args.data_path, embedder=args.embedder,
-                           context_tokens=context_tokens, chunk_tokens=args.chunk_tokens)
+                           context_tokens=context_tokens, chunk_tokens=args.chunk_tokens,
+                           extra=parse_env_kwargs(args.env_kwargs))
 
 
 def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator, engine=None) -> dict:

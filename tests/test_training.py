@@ -81,6 +81,8 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--lora-r", "4", "--lora-target-modules", "nonexistent_proj"], "LoRA set-up failed"),
     (["--resume", "/tmp"], "not a checkpoint directory"),
     (["--learning-rate", "fast"], "learning-rate"),
+    (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object"),
+    (["--env-kwargs", "{top_k: 1}"], "--env-kwargs must be a JSON object"),
 ])
 def test_sft_bad_flags(flags, message, tmp_path):
     result = _run("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags, timeout=300)
@@ -160,6 +162,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     (["--loss-type", "ppo"], "--loss-type"), (["--group-size", "1"], "at least 2"),
     (["--reward", "bleu"], "--reward"), (["--temperature", "0"], "--temperature"),
     (["--time-limit-minutes", "-1"], "--time-limit-minutes"),
+    (["--env-kwargs", '{"top_k": 2, "topk": 1}'], "['topk'] are not arguments of the env"),
 ])
 def test_grpo_bad_flags(flags, message, tmp_path):
     result = _run("train_grpo.py", "--save-dir", str(tmp_path), *flags, timeout=120)
@@ -326,6 +329,18 @@ def test_task_schedule_slots_put_groups_on_one_task():
 
 
 assert train_grpo.Args().loss_type == "grpo"
+
+
+def test_trainer_env_kwargs_reach_the_teacher_episodes():
+    import train_sft
+
+    args = train_sft.Args(env_id="AtomMem/SyntheticEasy-v0", teacher="oracle-broad", num_train_episodes=4, num_envs=2,
+                          env_kwargs='{"top_k": 1, "synthetic": {"hops": [1, 1], "distractors": 0, "volatility": 0}}')
+    samples, stats = train_sft.collect_teacher_samples(args)
+    answer_prompts = [s["messages"][-1]["content"] for s in samples if s["completion"].startswith("<answer>")]
+    assert stats["teacher_em"] == 1.0 and len(answer_prompts) == 4
+    assert all(text.count("[id ") == 1 for text in answer_prompts)  # top_k 1
+    assert sum(s["completion"].count("<create>") for s in samples) == 4  # no look-alikes to store
 
 
 def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
