@@ -76,7 +76,7 @@ def test_one_env_argument_builder_keeps_each_ids_registered_settings():
         make_env_kwargs("AtomMem/HotpotQA-MultiQuery-v0", split="train", context_tokens=3000)
     assert make_env_kwargs("AtomMem/HotpotQA-MultiQuery-v0", split="eval", context_tokens=0) == {"split": "eval"}
     trainer_args = SimpleNamespace(env_id="AtomMem/Synthetic-v0", data_path=None, embedder="hashing",
-                                   chunk_tokens=None, context_tokens=None)
+                                   chunk_tokens=None, context_tokens=None, env_kwargs="{}")
     env = gym.make("AtomMem/Synthetic-v0", **trainer_env_kwargs(trainer_args, "train", None))
     assert env.unwrapped.chunk_tokens == 512
 
