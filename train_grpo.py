@@ -394,10 +394,12 @@ if __name__ == "__main__":
             samples, episodes = rollout(envs, policy, [int(t) for t in tasks],
                                         seed=args.seed * 100_003 + iteration + first_env, first_episode=first_env)
         rollout_time = time.time() - rollout_start  # generation and env steps only
+        score_start = time.time()
         if engine is not None:  # the trainer's log-probs of vLLM's tokens, for this process's samples
             with accelerator.autocast():
                 trainer_logprobs(accelerator.unwrap_model(scorer), samples, tokenizer.pad_token_id,
                                  args.temperature, device, args.micro_batch_size)
+        score_time = time.time() - score_start
         samples, episodes = gather_object(samples), gather_object(episodes)
         # 2. Advantages: one per episode, relative to its group, given to every step of the episode.
         rewards = np.array([e[args.reward] - args.format_penalty * e["invalid_ops"] for e in episodes])
@@ -487,13 +489,14 @@ if __name__ == "__main__":
                 if values:
                     writer.add_scalar(f"losses/{'policy_loss' if key == 'loss' else key}", float(np.mean(values)), iteration)
             writer.add_scalar("charts/episodes_per_second", num_envs / rollout_time, iteration)
+            writer.add_scalar("charts/trainer_logprob_seconds", score_time, iteration)
             writer.add_scalar("charts/rollout_tokens_per_second", sum(response_lengths) / rollout_time, iteration)
             writer.add_scalar("charts/train_tokens_per_second", train_tokens / max(update_time, 1e-9), iteration)
             writer.add_scalar("charts/peak_memory_mb", peak_memory_mb(), iteration)
             print(f"iter={iteration} reward={rewards.mean():.3f} em={ems.mean():.3f} zero_std={zero_std:.2f} "
                   f"samples={len(samples)} loss={np.mean(stats['loss'] or [0]):.4f} "
                   f"clipfrac={np.mean(stats['clipfrac'] or [0]):.3f} approx_kl={np.mean(stats['approx_kl'] or [0]):.2e} "
-                  f"rollout={rollout_time:.1f}s update={update_time:.1f}s")
+                  f"rollout={rollout_time:.1f}s score={score_time:.1f}s update={update_time:.1f}s")
         # Every process decides from the main process's clock, so all stop after the same iteration.
         last = iteration == args.num_iterations or broadcast_object_list(
             [bool(args.time_limit_minutes) and time.time() - start_time > 60 * args.time_limit_minutes])[0]

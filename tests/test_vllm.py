@@ -187,3 +187,4 @@ def test_grpo_with_vllm_in_two_processes(tmp_path):
     logs = EventAccumulator(str(run))
     logs.Reload()
     assert max(e.value for e in logs.Scalars("rollout/logprob_diff_max")) < SYNC_BOUND
+    assert len(logs.Scalars("charts/trainer_logprob_seconds")) == 2 and "score=" in result.stdout
