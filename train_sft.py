@@ -21,7 +21,7 @@ import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from agents import build_messages, make_generator, make_policy
+from agents import READER_POLICIES, build_messages, make_generator, make_policy
 from agents.evaluation import episode_schedules, make_vector_env, protocol_of, run_episodes
 from agents.prompt import encode_prompt
 from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, evaluate_and_log,
@@ -127,7 +127,7 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
     """Runs the teacher on train-split tasks 0..N-1 (each at its --context-tokens length); one sample per step of
     every kept episode."""
     protocol = protocol_of(args.env_id)
-    needs_model = args.teacher not in ("oracle", "oracle-broad", "random", "noop")
+    needs_model = args.teacher in READER_POLICIES + ("llm",)
     try:
         teacher = make_policy(args.teacher, protocol=protocol, seed=args.seed,
                               generator=make_generator(args.teacher_model, device="cpu") if needs_model else None)

@@ -134,8 +134,9 @@ class OraclePolicy(Policy):
         look_alikes = task.meta.get("look_alike_facts", ()) if self.look_alikes else ()
         facts = [fact for question in task.questions for fact in question.supporting_facts]
         facts += [SupportingFact(title="", sentence_index=-1, text=text) for text in look_alikes]
-        for fact in sorted(facts, key=lambda fact: obs["chunk"].find(fact.text)):
-            if fact.text and fact.text in obs["chunk"] and fact.text not in stored:
+        present = [fact for fact in facts if fact.text and fact.text in obs["chunk"]]
+        for fact in sorted(present, key=lambda fact: obs["chunk"].index(fact.text)):  # in reading order
+            if fact.text not in stored:
                 stored.add(fact.text)
                 yield fact
 

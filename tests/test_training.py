@@ -83,6 +83,7 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--learning-rate", "fast"], "learning-rate"),
     (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object"),
     (["--env-kwargs", "{top_k: 1}"], "--env-kwargs must be a JSON object"),
+    (["--teacher", "bogus"], "--teacher bogus: unknown policy"),
 ])
 def test_sft_bad_flags(flags, message, tmp_path):
     result = _run("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags, timeout=300)
