@@ -259,9 +259,16 @@ def trainer_logprobs(scorer, samples: list[StepSample], pad_id: int, temperature
             s.sampler_logprobs, s.old_logprobs = s.old_logprobs, logprobs[row, :len(s.completion_ids)].tolist()
 
 
+def samples_to_score(samples: list[StepSample], beta: float, sync_check: int) -> list[StepSample]:
+    """The samples whose old log-probs the update uses: all with beta > 0, else those with a non-zero advantage
+    (the others carry no gradient), plus the first `sync_check` so that every iteration logs the log-prob gap."""
+    return [s for i, s in enumerate(samples) if i < sync_check or s.advantage != 0 or beta > 0]
+
+
 def logprob_gap(samples: list[StepSample]) -> tuple[float, float]:
-    """(mean, max) absolute gap between the trainer's and the sampler's log-probs, over all tokens."""
-    gaps = np.concatenate([np.abs(np.subtract(s.old_logprobs, s.sampler_logprobs)) for s in samples])
+    """(mean, max) absolute gap between the trainer's and the sampler's log-probs, over the scored samples' tokens."""
+    gaps = np.concatenate([np.abs(np.subtract(s.old_logprobs, s.sampler_logprobs)) for s in samples
+                           if s.sampler_logprobs is not None])
     return float(gaps.mean()), float(gaps.max())
 
 
@@ -394,18 +401,21 @@ if __name__ == "__main__":
             samples, episodes = rollout(envs, policy, [int(t) for t in tasks],
                                         seed=args.seed * 100_003 + iteration + first_env, first_episode=first_env)
         rollout_time = time.time() - rollout_start  # generation and env steps only
-        score_start = time.time()
-        if engine is not None:  # the trainer's log-probs of vLLM's tokens, for this process's samples
-            with accelerator.autocast():
-                trainer_logprobs(accelerator.unwrap_model(scorer), samples, tokenizer.pad_token_id,
-                                 args.temperature, device, args.micro_batch_size)
-        score_time = time.time() - score_start
-        samples, episodes = gather_object(samples), gather_object(episodes)
+        episodes = gather_object(episodes)
         # 2. Advantages: one per episode, relative to its group, given to every step of the episode.
         rewards = np.array([e[args.reward] - args.format_penalty * e["invalid_ops"] for e in episodes])
         advantages, zero_std = group_advantages(rewards, args.group_size, args.scale_rewards)
         for s in samples:
             s.advantage = float(advantages[s.episode])
+        score_start = time.time()
+        if engine is not None:  # the trainer's log-probs of vLLM's tokens, for this process's samples that train
+            with accelerator.autocast():
+                trainer_logprobs(accelerator.unwrap_model(scorer), samples_to_score(samples, args.beta,
+                                 args.micro_batch_size), tokenizer.pad_token_id, args.temperature, device,
+                                 args.micro_batch_size)
+        score_time = time.time() - score_start
+        samples = gather_object(samples)
+        for s in samples:
             s.weight = 1.0 / episodes[s.episode]["num_steps"] if args.episode_weighting == "equal" else 1.0
         mean_weight = float(np.mean([s.weight for s in samples]))
         # 3. Update. Every sample counts in the denominators, as in TRL; one with zero advantage carries no

@@ -12,7 +12,8 @@ from conftest import REPO
 import train_grpo
 from agents import HFGenerator, build_messages
 from agents.training import CompletionScorer
-from train_grpo import StepSample, group_advantages, grpo_loss, loss_denominator, padded_old_logprobs, token_logprobs
+from train_grpo import (StepSample, group_advantages, grpo_loss, logprob_gap, loss_denominator, padded_old_logprobs,
+                        samples_to_score, token_logprobs)
 
 
 def _run(script, *flags, timeout=600):
@@ -179,6 +180,16 @@ def test_group_advantages():
     centred, _ = group_advantages(rewards, 4, scale=False)
     assert np.allclose(centred[:4], [0.75, -0.25, -0.25, -0.25])
 
+
+
+def test_only_samples_that_train_are_scored_plus_the_sync_check():
+    samples = [StepSample([1], [2, 3], [-0.5, -0.5], episode=i, advantage=a) for i, a in enumerate([0, 0, 0, 1.5, -0.5, 0])]
+    assert [s.episode for s in samples_to_score(samples, beta=0.0, sync_check=2)] == [0, 1, 3, 4]
+    assert len(samples_to_score(samples, beta=0.04, sync_check=2)) == 6  # the KL term trains every sample
+    for s in samples_to_score(samples, beta=0.0, sync_check=0):  # as trainer_logprobs does
+        s.sampler_logprobs, s.old_logprobs = s.old_logprobs, [-0.25, -1.5]
+    # the gap is over scored samples only: 0.25 and 1.0 per token, not the unscored samples' zeros
+    assert logprob_gap(samples) == (0.625, 1.0)
 
 def _args(**kw):
     base = dict(epsilon=0.2, epsilon_high=None, beta=0.0, loss_type="grpo")
