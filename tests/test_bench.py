@@ -75,3 +75,42 @@ def test_answer_stats_rejects_a_file_that_is_not_a_report(tmp_path):
     result = subprocess.run([sys.executable, "bench/answer_stats.py", str(bad), str(tmp_path / "missing.json")],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "is not an eval.py JSON report" in result.stderr
+
+
+def test_answer_sources_sorts_answers_by_the_fact_they_come_from(tmp_path):
+    import gymnasium as gym
+
+    import atommem_env  # noqa: F401  (registers the ids)
+
+    args = {"env_id": "AtomMem/Synthetic-v0", "split": "eval", "chunk_tokens": 256,
+            "env_kwargs": '{"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 0}}'}
+    env = gym.make(args["env_id"], split="eval", embedder="hashing", context_tokens=800, chunk_tokens=256,
+                   synthetic={"hops": [2, 2], "distractors": 2, "volatility": 0})
+    tasks = [env.unwrapped.task_source.get(i) for i in range(5)]
+    env.close()
+    gold = [t.questions[0].answers[0] for t in tasks]
+    # task 2 asks where the head of state of a country lives: "... of <country> is <bridge>.", "<bridge> lives in <gold>."
+    bridge = tasks[2].questions[0].supporting_facts[1].text.rstrip(".").split(" is ")[-1]
+    # task 3's look-alike: "<person one letter off> works for <company>."
+    look_alike_object = dict(tasks[3].metadata)["look_alike_facts"][0].rstrip(".").split(" works for ")[-1]
+    assert bridge == "Brevfeart Grithgryr" and look_alike_object == "Brudraiv Labs"
+    answers = [gold[0], "", bridge, look_alike_object, "Nobody Anywhere"]
+    records = [{"task_index": i, "em": float(i == 0), "answer": [a] if a else [], "gold": [[g]]}
+               for i, (a, g) in enumerate(zip(answers, gold))]
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"args": args, "results": {"llm": {"800": {"records": records}}}}))
+    result = subprocess.run([sys.executable, "bench/answer_sources.py", str(report)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "llm 800: 5 episodes: right 1, none 1, earlier hop 1, look-alike 1, other 1" in result.stdout
+
+
+def test_answer_sources_rejects_reports_it_cannot_read(tmp_path):
+    not_a_report, real_data = tmp_path / "bad.json", tmp_path / "hotpot.json"
+    not_a_report.write_text('{"policies": []}')
+    real_data.write_text(json.dumps({"args": {"env_id": "AtomMem/HotpotQA-v0", "split": "eval"},
+                                     "results": {"llm": {"400": {"records": [{"task_index": 0}]}}}}))
+    for path, message in ((not_a_report, "is not an eval.py JSON report"), (real_data, "need a synthetic env id")):
+        result = subprocess.run([sys.executable, "bench/answer_sources.py", str(path)], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
