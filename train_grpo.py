@@ -28,9 +28,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents import HFGenerator, LLMPolicy
 from agents.evaluation import OP_KEYS, make_vector_env, num_tasks, protocol_of, run_episodes
-from agents.training import (CompletionScorer, base_model_of, check_env_args, evaluate_and_log, hparams_table,
-                             check_backend_args, load_reference, load_trainer_state, make_accelerator, pack,
-                             peak_memory_mb, save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
+from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, default_bf16,
+                             evaluate_and_log, hparams_table, load_reference, load_trainer_state, make_accelerator,
+                             pack, peak_memory_mb, save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
 
 
 @dataclass
@@ -108,7 +108,8 @@ class Args:
     gradient_checkpointing: bool = False
     """trade compute for memory"""
     bf16: bool | None = None
-    """bf16 mixed precision (default: on where the GPU supports it)"""
+    """bf16 autocast (default: on GPUs with bf16, and on CPUs with native bf16 for models of 30M+ parameters:
+    faster there, slower on smaller ones, bench/bench_train.py)"""
     eval_every: int = 10
     """iterations between held-out evaluations (and at the start and the end); 0: start and end only"""
     eval_episodes: int = 32
@@ -311,6 +312,8 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.bf16 is None:
+        args.bf16 = default_bf16(args.resume or args.model, args.gguf_file, args.device)
     accelerator = make_accelerator(args.bf16, args.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.tasks_per_iteration % world:

@@ -109,6 +109,17 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> tuple[str,
     return name_or_path, gguf_file
 
 
+def parameter_count(name_or_path: str, gguf_file: str | None = None) -> int:
+    """A model's parameters, counted from its config on the meta device: no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf = resolve_model(name_or_path, gguf_file)
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .models import BASE_MODEL_FILE, load_causal_lm, merged_adapters_of
+from .models import BASE_MODEL_FILE, load_causal_lm, merged_adapters_of, parameter_count, pick_device
 
 TRAINER_STATE = "trainer_state.pt"
 LOGIT_CHUNK_ELEMENTS = 1 << 24
@@ -120,13 +120,34 @@ def verify_scorer(lm) -> None:
                          f"(log-prob gap {gap:.3g}): CompletionScorer cannot train it")
 
 
-def make_accelerator(bf16: bool | None, device: str):
-    """The Accelerator of both trainers: bf16 autocast where asked (default: GPUs that support it), and a
-    process-group time-out of hours, since other processes wait while the main one saves or logs."""
+BF16_CPU_MIN_PARAMETERS = 30_000_000
+"""On a CPU with native bf16, autocast pays off from about this size: bench/bench_train.py measured it slower
+than fp32 on the 1M-parameter tiny model and faster on SmolLM2-135M (docs/benchmarks.md)."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: oneDNN then runs bf16 matmuls natively instead of emulating them."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def default_bf16(model: str, gguf_file: str | None, device: str) -> bool:
+    """--bf16's default: on GPUs with bf16, and on CPUs with native bf16 for models of BF16_CPU_MIN_PARAMETERS
+    or more; off elsewhere. A model whose config cannot be read gets fp32 (its loading then says why)."""
+    if pick_device(device).startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    if not cpu_has_native_bf16():
+        return False
+    try:
+        return parameter_count(*base_model_of(model, gguf_file)) >= BF16_CPU_MIN_PARAMETERS
+    except (OSError, ValueError):
+        return False
+
+
+def make_accelerator(bf16: bool, device: str):
+    """The Accelerator of both trainers: bf16 autocast where asked, and a process-group time-out of hours,
+    since other processes wait while the main one saves or logs."""
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    if bf16 is None:
-        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu",
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
 

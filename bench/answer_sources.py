@@ -32,7 +32,8 @@ CLASSES = ("right", "none", "earlier hop", "look-alike", "other")
 def report_tasks(args: dict, context_tokens: int, task_indices: list[int]) -> dict:
     """The report's tasks by index, rebuilt with the arguments eval.py ran with."""
     if atommem_env.ENV_IDS.get(args["env_id"], {}).get("dataset") != "synthetic":
-        raise ValueError(f"{args['env_id']}: answer sources need a synthetic env id (its tasks list the look-alike facts)")
+        raise ValueError(f"{args['env_id']}: answer sources need a synthetic env id "
+                         "(its tasks list the look-alike facts)")
     kwargs = make_env_kwargs(args["env_id"], split=args["split"], embedder="hashing", context_tokens=context_tokens,
                              chunk_tokens=args.get("chunk_tokens"),
                              extra=parse_env_kwargs(args.get("env_kwargs") or "{}"))

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -114,3 +115,20 @@ def test_answer_sources_rejects_reports_it_cannot_read(tmp_path):
         result = subprocess.run([sys.executable, "bench/answer_sources.py", str(path)], cwd=REPO, capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_bench_train_rejects_an_unknown_configuration_before_any_work():
+    result = subprocess.run([sys.executable, "bench/bench_train.py", "--model", "tiny", "--configs", "bf16-full",
+                             "fp16-full"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--configs takes fp32-full bf16-full fp32-lora bf16-lora, got fp16-full" \
+        in result.stderr
+
+
+def test_bench_train_reports_speed_and_held_out_loss_per_configuration():
+    result = subprocess.run([sys.executable, "bench/bench_train.py", "--model", "tiny", "--seconds", "1", "--configs",
+                             "fp32-full", "bf16-full"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines()}
+    for config in ("fp32-full", "bf16-full"):
+        assert re.match(rf"{config}: \d+ tokens/s \(median of \d+ steps\), held-out loss [\d.]+ -> [\d.]+$", lines[config])
+    assert re.match(r"full: bf16 / fp32 throughput [\d.]+x$", lines["full"])

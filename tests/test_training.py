@@ -364,3 +364,22 @@ def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
     firsts = [s["messages"][-1]["content"] for s in samples if "\n\nChunk 1 of " in s["messages"][-1]["content"]]
     assert stats["teacher_episodes"] == 6
     assert sum("Chunk 1 of 2:" in text for text in firsts) == 4 and sum("Chunk 1 of 3:" in text for text in firsts) == 2
+
+
+def test_bf16_is_on_by_default_only_where_it_pays(tmp_path, monkeypatch):
+    import agents.training as training
+    from agents.models import parameter_count
+    from transformers import LlamaConfig
+
+    big = tmp_path / "big"  # config only: the count reads no weights
+    LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                num_attention_heads=8).save_pretrained(big)
+    # 2 x 32000 x 512 (embeddings, head) + 8 x (4 x 512^2 + 3 x 512 x 1376 + 2 x 512) + 512
+    assert parameter_count(str(big)) == 58_073_600
+    assert parameter_count("tiny") < training.BF16_CPU_MIN_PARAMETERS
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.default_bf16(str(big), None, "cpu")
+    assert not training.default_bf16("tiny", None, "cpu")
+    assert not training.default_bf16(str(tmp_path / "missing"), None, "cpu")  # its loading then says why
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower
+    assert not training.default_bf16(str(big), None, "cpu")
