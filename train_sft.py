@@ -24,9 +24,9 @@ from torch.utils.tensorboard import SummaryWriter
 from agents import READER_POLICIES, build_messages, make_generator, make_policy
 from agents.evaluation import episode_schedules, make_vector_env, protocol_of, run_episodes
 from agents.prompt import encode_prompt
-from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, evaluate_and_log,
-                             hparams_table, load_trainer_state, default_bf16, make_accelerator, pack, peak_memory_mb,
-                             save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
+from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, default_bf16,
+                             evaluate_and_log, hparams_table, load_trainer_state, make_accelerator, pack,
+                             peak_memory_mb, save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
 
 
 @dataclass

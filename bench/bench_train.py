@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_sft  # noqa: E402
+from agents.models import load_tokenizer  # noqa: E402
 from agents.training import CompletionScorer, pack, setup_model  # noqa: E402
 
 
@@ -78,8 +79,7 @@ def run_config(name: str, args: Args, train_batches, held_out_batches) -> dict:
         batch = train_batches[step % len(train_batches)]
         tick = time.time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logprobs, _, _ = scorer(**batch)
-        loss = -(logprobs * batch["target_mask"]).sum() / batch["target_mask"].sum()
+            loss, _, _ = train_sft.sft_loss(scorer, batch, int(batch["target_mask"].sum()), num_processes=1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -99,7 +99,7 @@ if __name__ == "__main__":
     sft_args = train_sft.Args(model=args.model, env_id="AtomMem/SyntheticEasy-v0", teacher="oracle-broad",
                               num_train_episodes=64, context_tokens=(400,))
     samples, _ = train_sft.collect_teacher_samples(sft_args)
-    _, tokenizer, _ = setup_model(args.model, None, None, 0, 32, 0.0, (), False, device="cpu", dtype="float32")
+    tokenizer = load_tokenizer(args.model)
     encoded = [train_sft.tokenize(s, tokenizer, sft_args)[:2] for s in samples]
     encoded = [e for e in encoded if len(e[1]) > 1]  # "write nothing" steps teach one token; keep what has content
     torch.manual_seed(0)
