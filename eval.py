@@ -34,9 +34,9 @@ class Args:
     """the dataset file, for the HotpotQA / 2Wiki / MuSiQue ids"""
     split: str = "eval"
     """task split: all, train or eval (synthetic: odd seeds for eval)"""
-    context_tokens: tuple[int, ...] = (2000, 8000)
-    """document lengths to evaluate at (tokens, regex count); 0: the env id's registered setting (the only choice
-    for ids that pad by document count, like HotpotQA-MultiQuery)"""
+    context_tokens: tuple[int, ...] = ()
+    """document lengths to evaluate at (tokens, regex count); none given, or 0: the env id's registered setting (ids
+    that pad by document count, like HotpotQA-MultiQuery, take only that)"""
     num_episodes: int = 16
     """episodes per (policy, context length): tasks 0..N-1 of the split, the same for every policy"""
     num_envs: int = 4
@@ -186,7 +186,7 @@ if __name__ == "__main__":
     if args.num_episodes <= 0 or args.num_envs <= 0 or any(c < 0 for c in args.context_tokens):
         raise SystemExit("error: --num-episodes and --num-envs must be positive, --context-tokens >= 0")
     try:  # fail before any model loads if the env arguments are wrong
-        for length in args.context_tokens:
+        for length in args.context_tokens or (0,):
             gym.make(args.env_id, **env_kwargs(args, length)).close()
     except (ValueError, TypeError) as err:  # TypeError: an argument the env does not take
         raise SystemExit(f"error: {err}")
@@ -207,10 +207,11 @@ if __name__ == "__main__":
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     results: dict = {}
-    total = len(args.policies) * len(args.context_tokens) * args.num_episodes
+    lengths = args.context_tokens or (0,)
+    total = len(args.policies) * len(lengths) * args.num_episodes
     with tqdm(total=total, desc="episodes") as progress:
         for name in args.policies:
-            for length in args.context_tokens:
+            for length in lengths:
                 progress.set_description(f"{name} @ {length_label(args.env_id, length or None)}")
                 policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed)
                 results.setdefault(name, {})[length_label(args.env_id, length or None)] = evaluate_policy(

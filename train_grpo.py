@@ -26,11 +26,12 @@ import tyro
 from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.tensorboard import SummaryWriter
 
-from agents import HFGenerator, LLMPolicy
-from agents.evaluation import OP_KEYS, make_vector_env, num_tasks, protocol_of, run_episodes
-from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, default_bf16,
-                             evaluate_and_log, hparams_table, load_reference, load_trainer_state, make_accelerator,
-                             pack, peak_memory_mb, save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
+from agents import LLMPolicy, local_sampler
+from agents.evaluation import make_vector_env, num_tasks, protocol_of
+from agents.training import (CompletionScorer, StepSample, base_model_of, check_backend_args, check_env_args, default_bf16,
+                             disable_dropout, evaluate_and_log, hparams_table, load_trainer_state, make_accelerator,
+                             make_reference_logprobs, peak_memory_mb, rollout, rollout_metrics, save_checkpoint,
+                             setup_model, start_vllm_engine, token_logprobs, trainer_env_kwargs)
 
 
 @dataclass
@@ -48,8 +49,7 @@ class Args:
     chunk_tokens: int | None = None
     """chunk size (default: the env id's registered setting)"""
     env_kwargs: str = "{}"
-    """extra gym.make arguments as a JSON object, e.g. '{"top_k": 3}'; a key replaces the id's registered value
-    (`synthetic` as a whole)"""
+    """extra gym.make arguments as a JSON object, e.g. '{"top_k": 3}'; a key replaces the id's registered value"""
     embedder: str = "hashing"
     """memory embedder of the envs"""
     model: str = "tiny"
@@ -67,8 +67,7 @@ class Args:
     num_iterations: int = 30
     """rollout + update rounds"""
     time_limit_minutes: float = 0.0
-    """stop after the first iteration that ends past this many minutes from the start of training, evaluating and
-    saving as at the last iteration (0: no limit)"""
+    """stop (evaluate, save) after the first iteration that ends past this many minutes of training (0: no limit)"""
     tasks_per_iteration: int = 8
     """distinct tasks per rollout batch (drawn from the train split without replacement where it is big enough)"""
     group_size: int = 4
@@ -108,8 +107,7 @@ class Args:
     gradient_checkpointing: bool = False
     """trade compute for memory"""
     bf16: bool | None = None
-    """bf16 autocast (default: on GPUs with bf16, and on CPUs with native bf16 for models of 30M+ parameters:
-    faster there, slower on smaller ones, bench/bench_train.py)"""
+    """bf16 autocast (default: on GPUs with bf16; on CPUs with native bf16 for models of 30M+ parameters)"""
     eval_every: int = 10
     """iterations between held-out evaluations (and at the start and the end); 0: start and end only"""
     eval_episodes: int = 32
@@ -129,8 +127,7 @@ class Args:
     device: str = "auto"
     """torch device"""
     backend: str = "hf"
-    """generation for rollouts and in-run evaluation: hf (transformers on the trainer's weights) or vllm (an engine
-    in each process, given the new weights after every update)"""
+    """rollout and evaluation generation: hf (transformers) or vllm (an engine per process, synced after updates)"""
     vllm_dtype: str = "auto"
     """vLLM weights: auto (bfloat16 where the trainer computes in bf16, else float32), float32 or bfloat16"""
     vllm_gpu_memory_utilization: float = 0.3
@@ -139,64 +136,43 @@ class Args:
     """truncated importance sampling (TRL, token_truncate): tokens weigh min(pi_trainer / pi_vllm, cap); 0: off"""
 
 
-@dataclass
-class StepSample:
-    """One chunk step of one episode: the policy's tokens and what the loss needs about them."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    old_logprobs: list[float]
-    episode: int
-    advantage: float = 0.0
-    weight: float = 1.0
-    sampler_logprobs: list[float] | None = None
-    """With vLLM: the sampler's log-probs, while old_logprobs are the trainer's for the same tokens."""
-
-
-def rollout(envs, policy: LLMPolicy, task_indices: list[int], seed: int, first_episode: int):
-    """One episode per env (env i on task task_indices[i], episode number first_episode + i).
-
-    Returns (samples, episodes): every step as a StepSample with the sampled ids and log-probs, and
-    per episode its reward inputs and op counts, in env order.
-    """
-    records = sorted(run_episodes(envs, policy, [[t] for t in task_indices], seed, keep_steps=True),
-                     key=lambda r: r["slot"])
-    samples, episodes = [], []
-    for record in records:
-        for _, output in record["steps"]:
-            g = output.generation
-            if g.completion_ids:  # a failed generation (vLLM: prompt over its length) has none
-                samples.append(StepSample(g.prompt_ids, g.completion_ids, g.logprobs, first_episode + record["slot"]))
-        episodes.append({k: record[k] for k in ("em", "f1", "invalid_ops", "ops", "num_steps", "prompts_cut",
-                                                "prompt_tokens_cut")})
-    return samples, episodes
+def check_args(args: Args) -> dict | None:
+    """Exits with a clear message on a bad flag, before any model work; returns the trainer state to resume from."""
+    check_env_args(args, {args.context_tokens, *args.eval_context_tokens})
+    check_backend_args(args)
+    if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
+        raise SystemExit(f"error: --loss-type must be grpo, dapo or dr_grpo, got {args.loss_type!r}")
+    if args.reward not in ("em", "f1") or args.episode_weighting not in ("equal", "steps"):
+        raise SystemExit("error: --reward must be em or f1 and --episode-weighting equal or steps")
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be at least 2 (advantages are relative to the group)")
+    if min(args.num_iterations, args.tasks_per_iteration, args.minibatch_size, args.micro_batch_size,
+           args.update_epochs, args.max_new_tokens, args.num_envs, args.max_prompt_tokens) <= 0 \
+            or args.temperature <= 0 or args.eval_episodes < 0 or args.time_limit_minutes < 0:
+        raise SystemExit("error: counts and sizes must be positive, --temperature > 0 and --time-limit-minutes >= 0")
+    return load_trainer_state(args.resume, "train_grpo.py", ("optimizer", "iteration", "reference"))
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, scale: bool) -> tuple[np.ndarray, float]:
     """(advantage per episode, fraction of groups whose rewards are all equal). Episodes are grouped in order.
 
-    The std has Bessel's correction, as torch.std in TRL.
+    The std has Bessel's correction, as torch.std in TRL. A group whose std is zero up to rounding (TRL's
+    isclose: 0.8 three times has a std of 1e-16) gets advantages of exactly 0, so its samples are skipped.
     """
     grouped = rewards.reshape(-1, group_size)
     centred = grouped - grouped.mean(axis=1, keepdims=True)
     std = grouped.std(axis=1, ddof=1, keepdims=True)
-    advantages = centred / (std + 1e-4) if scale else centred
-    return advantages.reshape(-1), float(np.mean(std.squeeze(1) == 0))
+    equal = np.isclose(std, 0.0)
+    advantages = np.where(equal, 0.0, centred / (std + 1e-4) if scale else centred)
+    return advantages.reshape(-1), float(equal.mean())
 
 
-def token_logprobs(scorer, samples: list[StepSample], pad_id: int, temperature: float, device):
-    """(log-probs, entropy, mask) of the samples' completion tokens, each (batch, longest completion)."""
-    batch = pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_id)
-    logprobs, entropy, _ = scorer(**{k: v.to(device) for k, v in batch.items()}, temperature=temperature)
-    return logprobs, entropy, batch["target_mask"].to(device).float()
-
-
-def padded_old_logprobs(samples: list[StepSample], like: torch.Tensor) -> torch.Tensor:
-    """The rollout log-probs laid out like `token_logprobs`' output (zeros past each completion)."""
-    old = torch.zeros_like(like)
-    for row, s in enumerate(samples):
-        old[row, :len(s.old_logprobs)] = torch.tensor(s.old_logprobs, device=like.device)
-    return old
+def padded(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Per-token values laid out like `token_logprobs`' output (zeros past each completion)."""
+    out = torch.zeros_like(like)
+    for row, values in enumerate(rows):
+        out[row, :len(values)] = torch.tensor(values, device=like.device)
+    return out
 
 
 def loss_denominator(weights, lengths, loss_type: str, max_completion: int, mean_weight: float):
@@ -249,65 +225,86 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, mask, a
 
 
 @torch.no_grad()
-def trainer_logprobs(scorer, samples: list[StepSample], pad_id: int, temperature: float, device,
-                     micro_batch: int) -> None:
-    """vLLM rollouts: the trainer's log-probs of the sampled tokens become old_logprobs; the sampler's are kept
-    for the importance weights and the sync check."""
-    for begin in range(0, len(samples), micro_batch):
-        batch = samples[begin:begin + micro_batch]
-        logprobs, _, _ = token_logprobs(scorer, batch, pad_id, temperature, device)
+def score_old_logprobs(scorer, samples: list[StepSample], args: Args, pad_id: int, device) -> None:
+    """The old log-probs, as TRL takes them: the training forward's, before the update. Only for the samples that
+    train (all with beta > 0, else those with a non-zero advantage), plus the first micro-batch, so that every
+    iteration logs the gap to the sampler's log-probs (vLLM's kernels, or cached decoding in bf16), which are
+    kept for it and, with vLLM, for the importance weights."""
+    scored = [s for i, s in enumerate(samples) if i < args.micro_batch_size or s.advantage != 0 or args.beta > 0]
+    for begin in range(0, len(scored), args.micro_batch_size):
+        batch = scored[begin:begin + args.micro_batch_size]
+        logprobs, _, _ = token_logprobs(scorer, batch, pad_id, args.temperature, device)
         for row, s in enumerate(batch):
-            s.sampler_logprobs, s.old_logprobs = s.old_logprobs, logprobs[row, :len(s.completion_ids)].tolist()
-
-
-def samples_to_score(samples: list[StepSample], beta: float, sync_check: int) -> list[StepSample]:
-    """The samples whose old log-probs the update uses: all with beta > 0, else those with a non-zero advantage
-    (the others carry no gradient), plus the first `sync_check` so that every iteration logs the log-prob gap."""
-    return [s for i, s in enumerate(samples) if i < sync_check or s.advantage != 0 or beta > 0]
+            s.old_logprobs = logprobs[row, :len(s.completion_ids)].tolist()
 
 
 def logprob_gap(samples: list[StepSample]) -> tuple[float, float]:
     """(mean, max) absolute gap between the trainer's and the sampler's log-probs, over the scored samples' tokens."""
     gaps = np.concatenate([np.abs(np.subtract(s.old_logprobs, s.sampler_logprobs)) for s in samples
-                           if s.sampler_logprobs is not None])
+                           if s.old_logprobs is not None])
     return float(gaps.mean()), float(gaps.max())
 
 
-def sampling_weights(samples: list[StepSample], like: torch.Tensor, cap: float) -> torch.Tensor | None:
-    """min(exp(trainer - sampler log-prob), cap) per token (TRL's truncated importance sampling); None without vLLM."""
-    if cap <= 0 or samples[0].sampler_logprobs is None:
+def importance_weights(samples: list[StepSample], like: torch.Tensor, cap: float) -> torch.Tensor | None:
+    """min(exp(trainer - sampler log-prob), cap) per token: TRL's truncated importance sampling; None when off."""
+    if cap <= 0:
         return None
-    sampler = torch.zeros_like(like)
-    for row, s in enumerate(samples):
-        sampler[row, :len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs, device=like.device)
-    return torch.exp(padded_old_logprobs(samples, like) - sampler).clamp(max=cap)
+    gap = padded([s.old_logprobs for s in samples], like) - padded([s.sampler_logprobs for s in samples], like)
+    return torch.exp(gap).clamp(max=cap)
 
 
-def disable_dropout(model) -> None:
-    """Rollouts sample in eval mode; the update must see the same network, or the first ratio is not 1."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+def update(accelerator, scorer, optimizer, samples: list[StepSample], reference_logprobs, args: Args,
+           shuffle_rng: np.random.RandomState, pad_id: int) -> tuple[dict, int]:
+    """`update_epochs` passes over shuffled minibatches of the rollout batch; returns (loss statistics of this
+    process's micro-batches, completion tokens trained on).
+
+    Every sample counts in the denominators, as in TRL; one with zero advantage carries no gradient when
+    beta = 0, so its forward pass is skipped. Each process takes every world-th sample of a minibatch in
+    micro-batches (gradients accumulate, then are averaged over processes); one left without any runs a
+    zero-weight sample, so every process steps together.
+    """
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    mean_weight = float(np.mean([s.weight for s in samples]))
+    cap = args.vllm_importance_sampling_cap if args.backend == "vllm" else 0.0
+    stats = {"policy_loss": [], "clipfrac": [], "approx_kl": [], "kl": [], "entropy": []}
+    tokens = 0
+    for _ in range(args.update_epochs):
+        order = shuffle_rng.permutation(len(samples))
+        for begin in range(0, len(samples), args.minibatch_size):
+            minibatch = [samples[i] for i in order[begin:begin + args.minibatch_size]]
+            denominator = loss_denominator(torch.tensor([s.weight for s in minibatch], device=device),
+                                           torch.tensor([len(s.completion_ids) for s in minibatch], device=device),
+                                           args.loss_type, args.max_new_tokens, mean_weight) / world
+            own = [s for s in minibatch[rank::world] if s.advantage != 0 or args.beta > 0]
+            micro_batches = [own[i:i + args.micro_batch_size] for i in range(0, len(own), args.micro_batch_size)]
+            # The stand-in's old log-probs are its sampler's: with weight 0, any finite value will do.
+            micro_batches = micro_batches or [[dataclasses.replace(minibatch[0], weight=0.0, old_logprobs=(
+                minibatch[0].old_logprobs or minibatch[0].sampler_logprobs))]]
+            for number, batch in enumerate(micro_batches):
+                with nullcontext() if number == len(micro_batches) - 1 else accelerator.no_sync(scorer):
+                    logprobs, entropy, mask = token_logprobs(scorer, batch, pad_id, args.temperature, device)
+                    loss, loss_stats = grpo_loss(
+                        logprobs, padded([s.old_logprobs for s in batch], logprobs),
+                        reference_logprobs(batch) if reference_logprobs else None,
+                        torch.tensor([s.advantage for s in batch], device=device),
+                        torch.tensor([s.weight for s in batch], device=device), mask, args, denominator,
+                        importance_weights(batch, logprobs, cap))
+                    accelerator.backward(loss)
+                if own:
+                    loss_stats.update(policy_loss=loss.item(), entropy=float((entropy * mask).sum() / mask.sum()))
+                    for key, value in loss_stats.items():
+                        stats[key].append(value)
+            accelerator.clip_grad_norm_(scorer.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            tokens += sum(len(s.completion_ids) for s in minibatch)
+    return stats, tokens
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_env_args(args.env_id, args.data_path, args.env_kwargs)
-    check_backend_args(args)
-    if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
-        raise SystemExit(f"error: --loss-type must be grpo, dapo or dr_grpo, got {args.loss_type!r}")
-    if args.reward not in ("em", "f1") or args.episode_weighting not in ("equal", "steps"):
-        raise SystemExit("error: --reward must be em or f1 and --episode-weighting equal or steps")
-    if args.dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {args.dtype!r}")
-    if args.group_size < 2:
-        raise SystemExit("error: --group-size must be at least 2 (advantages are relative to the group)")
-    if min(args.num_iterations, args.tasks_per_iteration, args.minibatch_size, args.micro_batch_size,
-           args.update_epochs, args.max_new_tokens, args.num_envs, args.max_prompt_tokens) <= 0 \
-            or args.temperature <= 0 or args.eval_episodes < 0 or args.time_limit_minutes < 0:
-        raise SystemExit("error: counts and sizes must be positive, --temperature > 0 and --time-limit-minutes >= 0")
+    state = check_args(args)
     num_envs = args.tasks_per_iteration * args.group_size
-    args.num_rollout_envs = num_envs
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -315,7 +312,7 @@ if __name__ == "__main__":
     if args.bf16 is None:
         args.bf16 = default_bf16(args.resume or args.model, args.gguf_file, args.device)
     accelerator = make_accelerator(args.bf16, args.device)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.tasks_per_iteration % world:
         raise SystemExit(f"error: --tasks-per-iteration ({args.tasks_per_iteration}) must be a multiple of the "
                          f"number of processes ({world}): each process runs whole groups")
@@ -326,49 +323,33 @@ if __name__ == "__main__":
     try:
         lm, tokenizer, merged_adapters = setup_model(
             args.model, args.gguf_file, args.resume, args.lora_r, args.lora_alpha, 0.0, args.lora_target_modules,
-            args.gradient_checkpointing, device=str(accelerator.device), dtype=args.dtype, merge_start_adapter=True)
+            args.gradient_checkpointing, device=str(device), dtype=args.dtype, merge_start_adapter=True)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     disable_dropout(lm)
-    uses_lora = hasattr(lm, "peft_config")
-    state = load_trainer_state(args.resume)
-    # The KL reference is the run's starting policy, the same after --resume. LoRA: the adapter disabled
-    # (the base, with any start adapter merged); all weights: the start loaded again, in the policy's precision.
-    reference_spec = (state or {}).get("reference", {"model": args.model, "gguf_file": args.gguf_file})
-    reference = None
-    if args.beta > 0 and not uses_lora:
-        reference_dtype = "bfloat16" if args.dtype == "bfloat16" or accelerator.mixed_precision == "bf16" else "float32"
-        try:
-            reference = load_reference(reference_spec, str(accelerator.device), reference_dtype)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}")
+    pad_id = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=args.learning_rate)
     scorer, optimizer = accelerator.prepare(CompletionScorer(lm), optimizer)
+    reference_spec = (state or {}).get("reference", {"model": args.model, "gguf_file": args.gguf_file})
+    reference_logprobs = make_reference_logprobs(args, accelerator, lm, scorer, reference_spec, pad_id)
     if world > 1:  # every process starts from the same weights, but samples its own completions
         torch.manual_seed(args.seed + rank)
     start_iteration = 0
-    if state is not None and "iteration" in state:
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         start_iteration = state["iteration"]
     base_model, base_gguf = base_model_of(args.resume or args.model, args.gguf_file)
     envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "train", args.context_tokens), local_envs)
     task_count = num_tasks(envs)
-    args.num_train_tasks = task_count
     writer = SummaryWriter(f"{args.save_dir}/{run_name}") if accelerator.is_main_process else None
     if writer:
         writer.add_text("hyperparameters", hparams_table(args))
     engine = start_vllm_engine(args, accelerator, lm, base_model, base_gguf)
-    if engine is not None:
-        from agents.vllm_backend import VLLMGenerator
-
-        try:
-            sampler = VLLMGenerator(engine, tokenizer, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, max_prompt_tokens=args.max_prompt_tokens)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}")
-    else:
-        sampler = HFGenerator(lm, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              max_prompt_tokens=args.max_prompt_tokens)
+    try:
+        sampler = local_sampler(lm, tokenizer, engine, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, max_prompt_tokens=args.max_prompt_tokens)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     policy = LLMPolicy(sampler, protocol_of(args.env_id))
     task_rng = np.random.default_rng(args.seed)
 
@@ -380,7 +361,6 @@ if __name__ == "__main__":
     for _ in range(start_iteration):  # resuming: the same task stream as an uninterrupted run
         draw_tasks()
     shuffle_rng = np.random.RandomState(args.seed)  # the same minibatches in every process
-    device = accelerator.device
     history = []
 
     def maybe_evaluate(iteration: int, force: bool = False):
@@ -393,7 +373,7 @@ if __name__ == "__main__":
 
     maybe_evaluate(start_iteration, force=True)
     start_time = time.time()
-    args.iterations_done = start_iteration
+    iteration = start_iteration
     for iteration in range(start_iteration + 1, args.num_iterations + 1):
         # 1. Rollout: G episodes per task, sampled with temperature; keep token ids and log-probs.
         #    Each process runs whole groups; then every process holds all episodes and samples.
@@ -410,117 +390,48 @@ if __name__ == "__main__":
         advantages, zero_std = group_advantages(rewards, args.group_size, args.scale_rewards)
         for s in samples:
             s.advantage = float(advantages[s.episode])
+        # 3. Old log-probs from the training forward, for this process's samples that train.
         score_start = time.time()
-        if engine is not None:  # the trainer's log-probs of vLLM's tokens, for this process's samples that train
-            with accelerator.autocast():
-                trainer_logprobs(accelerator.unwrap_model(scorer), samples_to_score(samples, args.beta,
-                                 args.micro_batch_size), tokenizer.pad_token_id, args.temperature, device,
-                                 args.micro_batch_size)
+        with accelerator.autocast():
+            score_old_logprobs(accelerator.unwrap_model(scorer), samples, args, pad_id, device)
         score_time = time.time() - score_start
         samples = gather_object(samples)
         for s in samples:
             s.weight = 1.0 / episodes[s.episode]["num_steps"] if args.episode_weighting == "equal" else 1.0
-        mean_weight = float(np.mean([s.weight for s in samples]))
-        # 3. Update. Every sample counts in the denominators, as in TRL; one with zero advantage carries no
-        #    gradient when beta = 0, so its forward pass is skipped. Each process takes every world-th sample
-        #    of a minibatch in micro-batches (gradients accumulate, then are averaged over processes); one left
-        #    without any runs a zero-weight sample, so every process steps together.
+        # 4. Update, then give the sampler the new weights.
         lm.train()
         update_start = time.time()
-        stats = {"loss": [], "clipfrac": [], "approx_kl": [], "kl": [], "entropy": []}
-        train_tokens = 0
-        for _ in range(args.update_epochs):
-            order = shuffle_rng.permutation(len(samples))
-            for begin in range(0, len(samples), args.minibatch_size):
-                minibatch = [samples[i] for i in order[begin:begin + args.minibatch_size]]
-                denominator = loss_denominator(torch.tensor([s.weight for s in minibatch], device=device),
-                                               torch.tensor([len(s.completion_ids) for s in minibatch], device=device),
-                                               args.loss_type, args.max_new_tokens, mean_weight) / world
-                own = [s for s in minibatch[rank::world] if s.advantage != 0 or args.beta > 0]
-                micro_batches = [own[i:i + args.micro_batch_size] for i in range(0, len(own), args.micro_batch_size)]
-                micro_batches = micro_batches or [[dataclasses.replace(minibatch[0], weight=0.0)]]
-                for number, batch in enumerate(micro_batches):
-                    last = number == len(micro_batches) - 1
-                    with nullcontext() if last else accelerator.no_sync(scorer):
-                        logprobs, entropy, mask = token_logprobs(scorer, batch, tokenizer.pad_token_id,
-                                                                 args.temperature, device)
-                        ref = None
-                        if args.beta > 0:
-                            with torch.no_grad():
-                                if uses_lora:
-                                    with lm.disable_adapter():
-                                        ref = token_logprobs(accelerator.unwrap_model(scorer), batch,
-                                                             tokenizer.pad_token_id, args.temperature, device)[0]
-                                else:
-                                    with accelerator.autocast():
-                                        ref = token_logprobs(reference, batch, tokenizer.pad_token_id,
-                                                             args.temperature, device)[0]
-                        loss, loss_stats = grpo_loss(
-                            logprobs, padded_old_logprobs(batch, logprobs), ref,
-                            torch.tensor([s.advantage for s in batch], device=device),
-                            torch.tensor([s.weight for s in batch], device=device), mask, args, denominator,
-                            sampling_weights(batch, logprobs, args.vllm_importance_sampling_cap))
-                        accelerator.backward(loss)
-                    if own:
-                        stats["loss"].append(loss.item())
-                        stats["entropy"].append(float((entropy * mask).sum() / mask.sum()))
-                        for key, value in loss_stats.items():
-                            stats[key].append(value)
-                accelerator.clip_grad_norm_(scorer.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                train_tokens += sum(len(s.completion_ids) for s in minibatch)
+        stats, train_tokens = update(accelerator, scorer, optimizer, samples, reference_logprobs, args, shuffle_rng,
+                                     pad_id)
         if engine is not None:
             engine.load_weights(lm)
         update_time = time.time() - update_start
 
-        # 4. Log: rewards, op frequencies, prompt cuts, loss terms, throughput (the main process).
+        # 5. Log (the main process): rollout metrics over all episodes, this process's loss terms, throughput.
         if writer:
-            ems = np.array([e["em"] for e in episodes])
-            total_ops = sum(sum(e["ops"].values()) + e["invalid_ops"] for e in episodes)
-            total_steps = sum(e["num_steps"] for e in episodes)
-            response_lengths = [len(s.completion_ids) for s in samples]
-            writer.add_scalar("rollout/reward_mean", rewards.mean(), iteration)
-            writer.add_scalar("rollout/reward_std", rewards.std(), iteration)
-            writer.add_scalar("rollout/em", ems.mean(), iteration)
-            writer.add_scalar("rollout/f1", np.mean([e["f1"] for e in episodes]), iteration)
-            writer.add_scalar("rollout/zero_std_group_fraction", zero_std, iteration)
-            writer.add_scalar("rollout/invalid_op_rate", sum(e["invalid_ops"] for e in episodes) / max(1, total_ops),
-                              iteration)
-            writer.add_scalar("rollout/prompt_cut_rate", sum(e["prompts_cut"] for e in episodes) / total_steps,
-                              iteration)
-            writer.add_scalar("rollout/prompt_tokens_cut_per_step",
-                              sum(e["prompt_tokens_cut"] for e in episodes) / total_steps, iteration)
-            for op in OP_KEYS + ("answer",):
-                writer.add_scalar(f"rollout/ops_{op}_per_episode", np.mean([e["ops"][op] for e in episodes]), iteration)
-            writer.add_scalar("rollout/response_length", float(np.mean(response_lengths)), iteration)
-            if engine is not None:
-                gap_mean, gap_max = logprob_gap(samples)
-                writer.add_scalar("rollout/logprob_diff_mean", gap_mean, iteration)
-                writer.add_scalar("rollout/logprob_diff_max", gap_max, iteration)
-            for key, values in stats.items():
-                if values:
-                    writer.add_scalar(f"losses/{'policy_loss' if key == 'loss' else key}", float(np.mean(values)), iteration)
-            writer.add_scalar("charts/episodes_per_second", num_envs / rollout_time, iteration)
-            writer.add_scalar("charts/trainer_logprob_seconds", score_time, iteration)
-            writer.add_scalar("charts/rollout_tokens_per_second", sum(response_lengths) / rollout_time, iteration)
-            writer.add_scalar("charts/train_tokens_per_second", train_tokens / max(update_time, 1e-9), iteration)
-            writer.add_scalar("charts/peak_memory_mb", peak_memory_mb(), iteration)
-            print(f"iter={iteration} reward={rewards.mean():.3f} em={ems.mean():.3f} zero_std={zero_std:.2f} "
-                  f"samples={len(samples)} loss={np.mean(stats['loss'] or [0]):.4f} "
+            metrics = {**rollout_metrics(episodes, [len(s.completion_ids) for s in samples], rewards, zero_std),
+                       **dict(zip(("rollout/logprob_diff_mean", "rollout/logprob_diff_max"), logprob_gap(samples))),
+                       **{f"losses/{key}": np.mean(values) for key, values in stats.items() if values},
+                       "charts/episodes_per_second": num_envs / rollout_time,
+                       "charts/rollout_tokens_per_second": sum(len(s.completion_ids) for s in samples) / rollout_time,
+                       "charts/trainer_logprob_seconds": score_time,
+                       "charts/train_tokens_per_second": train_tokens / max(update_time, 1e-9),
+                       "charts/peak_memory_mb": peak_memory_mb()}
+            for key, value in metrics.items():
+                writer.add_scalar(key, float(value), iteration)
+            print(f"iter={iteration} reward={rewards.mean():.3f} em={metrics['rollout/em']:.3f} zero_std={zero_std:.2f} "
+                  f"samples={len(samples)} loss={np.mean(stats['policy_loss'] or [0]):.4f} "
                   f"clipfrac={np.mean(stats['clipfrac'] or [0]):.3f} approx_kl={np.mean(stats['approx_kl'] or [0]):.2e} "
                   f"rollout={rollout_time:.1f}s score={score_time:.1f}s update={update_time:.1f}s")
         # Every process decides from the main process's clock, so all stop after the same iteration.
         last = iteration == args.num_iterations or broadcast_object_list(
             [bool(args.time_limit_minutes) and time.time() - start_time > 60 * args.time_limit_minutes])[0]
         maybe_evaluate(iteration, force=last)
-        saving = args.save_every and iteration % args.save_every == 0 or last
-        if saving and accelerator.is_main_process:
+        if (args.save_every and iteration % args.save_every == 0 or last) and accelerator.is_main_process:
             save_checkpoint(Path(args.save_dir) / run_name / "checkpoint", lm, tokenizer, args, base_model, base_gguf,
                             {"optimizer": optimizer.state_dict(), "iteration": iteration, "reference": reference_spec},
                             merged_adapters)
         if last:
-            args.iterations_done = iteration
             break
 
     envs.close()
@@ -528,8 +439,8 @@ if __name__ == "__main__":
     if writer:
         summary = {"run_name": run_name, "checkpoint": str(Path(args.save_dir) / run_name / "checkpoint"),
                    "seconds": time.time() - start_time, "peak_memory_mb": peak_memory_mb(), "eval_history": history,
-                   "num_processes": world, "num_train_tasks": task_count,
-                   "iterations": args.iterations_done}
+                   "num_processes": world, "num_rollout_envs": num_envs, "num_train_tasks": task_count,
+                   "iterations": iteration}
         (Path(args.save_dir) / run_name / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
         writer.close()

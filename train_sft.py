@@ -167,10 +167,14 @@ def read_trajectories(path: str) -> list[dict]:
 
 
 def tokenize(sample: dict, tokenizer, args: Args) -> tuple[list[int], list[int], bool, int]:
-    """(prompt ids, completion ids ending in eos, whether the completion was cut, chunk tokens cut from the prompt)."""
+    """(prompt ids, completion ids, whether the completion was cut, chunk tokens cut from the prompt).
+
+    A whole completion ends in eos (the policy learns to stop); a cut one keeps its first max_completion_tokens
+    and no eos, so the model is never taught to stop in the middle of an action.
+    """
     completion = tokenizer(sample["completion"], add_special_tokens=False)["input_ids"]
     cut = len(completion) > args.max_completion_tokens - 1
-    completion = completion[:args.max_completion_tokens - 1] + [tokenizer.eos_token_id]
+    completion = completion[:args.max_completion_tokens] if cut else completion + [tokenizer.eos_token_id]
     prompt, prompt_cut = encode_prompt(tokenizer, sample["messages"], args.max_prompt_tokens)
     return prompt, completion, cut, prompt_cut
 
@@ -180,6 +184,27 @@ def optimizer_steps(loader, accumulation: int):
     batches = iter(loader)
     while group := list(itertools.islice(batches, accumulation)):
         yield group
+
+
+def train_step(accelerator, scorer, optimizer, scheduler, group: list[dict], max_grad_norm: float):
+    """One optimizer step over a group of micro-batches (gradients accumulate), clipped to max_grad_norm.
+    Returns (this process's mean token loss, the gradient norm before clipping, correct tokens, tokens)."""
+    local_tokens = sum(int(batch["target_mask"].sum()) for batch in group)
+    step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+    losses, correct = [], 0
+    for number, batch in enumerate(group):
+        with nullcontext() if number == len(group) - 1 else accelerator.no_sync(scorer):
+            loss, batch_correct, _ = sft_loss(scorer, batch, step_tokens, accelerator.num_processes)
+            accelerator.backward(loss)
+        losses.append(loss.item())
+        correct += batch_correct
+    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    # This process's share of the step's mean token loss, scaled back to a mean over its own tokens.
+    return sum(losses) * step_tokens / accelerator.num_processes / max(1, local_tokens), float(grad_norm), correct, \
+        local_tokens
 
 
 def sft_loss(scorer, batch: dict, step_tokens: int, num_processes: int):
@@ -193,15 +218,14 @@ def sft_loss(scorer, batch: dict, step_tokens: int, num_processes: int):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_env_args(args.env_id, args.data_path, args.env_kwargs)
+    check_env_args(args, {*(args.context_tokens or (None,)), *args.eval_context_tokens})
     check_backend_args(args)
     if args.trajectories and not Path(args.trajectories).is_file():
         raise SystemExit(f"error: --trajectories {args.trajectories} does not exist")
     if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_prompt_tokens,
            args.num_train_episodes, args.max_completion_tokens) <= 0 or args.eval_episodes < 0:
         raise SystemExit("error: sizes and counts must be positive")
-    if args.dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {args.dtype!r}")
+    state = load_trainer_state(args.resume, "train_sft.py", ("optimizer", "scheduler", "step"))
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -245,7 +269,6 @@ if __name__ == "__main__":
     warmup = max(1, int(args.warmup_ratio * args.num_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.num_steps - s) / max(1, args.num_steps - warmup))))
-    state = load_trainer_state(args.resume)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -269,27 +292,14 @@ if __name__ == "__main__":
             steps_done += 1
             if steps_done <= step:  # resuming: pass over the steps already trained
                 continue
-            local_tokens = sum(int(batch["target_mask"].sum()) for batch in group)
-            step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-            losses, correct = [], 0
-            for number, batch in enumerate(group):
-                with nullcontext() if number == len(group) - 1 else accelerator.no_sync(scorer):
-                    loss, batch_correct, _ = sft_loss(scorer, batch, step_tokens, accelerator.num_processes)
-                    accelerator.backward(loss)
-                losses.append(loss.item())
-                correct += batch_correct
-                tokens_seen += int(batch["attention_mask"].sum())
-            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
+            step_loss, grad_norm, correct, local_tokens = train_step(accelerator, scorer, optimizer, scheduler, group,
+                                                                     args.max_grad_norm)
+            tokens_seen += sum(int(batch["attention_mask"].sum()) for batch in group)
             step += 1
-            # This process's share of the step's mean token loss, scaled back to a mean over its own tokens.
-            step_loss = sum(losses) * step_tokens / accelerator.num_processes / max(1, local_tokens)
             accuracy = correct / max(1, local_tokens)
             if writer:
                 writer.add_scalar("losses/loss", step_loss, step)
-                writer.add_scalar("losses/grad_norm", float(grad_norm), step)
+                writer.add_scalar("losses/grad_norm", grad_norm, step)
                 writer.add_scalar("charts/token_accuracy", accuracy, step)
                 writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("charts/tokens_per_second", tokens_seen / (time.time() - start_time), step)

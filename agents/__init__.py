@@ -1,13 +1,13 @@
 """Policies for the AtomMem environment, and the LLM backends they use."""
 
-from .backends import Generation, HFGenerator, OpenAIGenerator
+from .backends import Generation, HFGenerator, OpenAIGenerator, local_sampler
 from .policies import (LLMPolicy, MemAgentPolicy, NoMemoryPolicy, NoOpPolicy, OraclePolicy, Policy, PolicyOutput,
                        RAGPolicy, RandomPolicy, unbatch)
 from .prompt import build_messages
 
 __all__ = ["Policy", "PolicyOutput", "unbatch", "build_messages", "make_policy", "make_generator", "POLICIES",
            "NoOpPolicy", "RandomPolicy", "OraclePolicy", "NoMemoryPolicy", "MemAgentPolicy", "RAGPolicy", "LLMPolicy",
-           "Generation", "HFGenerator", "OpenAIGenerator"]
+           "Generation", "HFGenerator", "OpenAIGenerator", "local_sampler"]
 
 POLICIES = ("noop", "random", "oracle", "oracle-broad", "no-memory", "memagent", "rag", "write-only", "read-only", "llm")
 READER_POLICIES = ("no-memory", "memagent", "rag", "write-only", "read-only")
@@ -20,18 +20,18 @@ def make_generator(model: str, *, endpoint: str | None = None, adapter: str | No
     process ("vllm"), or with `endpoint` an OpenAI-compatible server."""
     if endpoint:
         return OpenAIGenerator(endpoint, model, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, max_prompt_tokens=max_prompt_tokens)
     if backend == "vllm":
         from .models import load_tokenizer
-        from .vllm_backend import VLLMEngine, VLLMGenerator, hf_directory
+        from .vllm_backend import VLLMEngine, hf_directory
 
         engine = VLLMEngine(hf_directory(model, adapter=adapter), dtype=dtype, seed=seed)
-        return VLLMGenerator(engine, load_tokenizer(adapter or model), max_new_tokens=max_new_tokens,
-                             temperature=temperature, max_prompt_tokens=max_prompt_tokens)
+        return local_sampler(None, load_tokenizer(adapter or model), engine, **settings)
     if backend != "hf":
         raise ValueError(f"backend must be hf or vllm, got {backend!r}")
-    return HFGenerator.from_pretrained(model, adapter=adapter, device=device, dtype=dtype,
-                                       max_new_tokens=max_new_tokens, temperature=temperature,
-                                       max_prompt_tokens=max_prompt_tokens)
+    from .models import load_causal_lm
+
+    return local_sampler(*load_causal_lm(model, adapter=adapter, device=device, dtype=dtype), **settings)
 
 
 def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: int = 0) -> Policy:

@@ -29,6 +29,23 @@ class Generation:
     """Chunk tokens `encode_prompt` cut to fit the prompt budget."""
 
 
+def check_sampling(max_new_tokens: int, temperature: float) -> None:
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+
+def local_sampler(model, tokenizer, engine=None, **settings):
+    """The one builder of a generator over a loaded model: its vLLM `engine`'s (agents.vllm_backend) when it
+    has one, else transformers' decoding loop. `settings`: max_new_tokens, temperature, max_prompt_tokens."""
+    if engine is not None:
+        from .vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(engine, tokenizer, **settings)
+    return HFGenerator(model, tokenizer, **settings)
+
+
 def _cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
@@ -41,22 +58,16 @@ class HFGenerator:
     model's generation_config carries (Qwen2.5-Instruct ships repetition_penalty=1.05, others
     min_p or top_k): the log-probs kept for GRPO must be those of the distribution sampled from,
     softmax(logits / temperature), and nothing else. It also keeps one (batch, vocab) row of
-    log-probs at a time, never (batch, new tokens, vocab). temperature=0 is greedy; top_p < 1
-    applies nucleus sampling (then the kept log-probs are of the untruncated distribution:
-    evaluation only, GRPO samples with top_p=1).
+    log-probs at a time, never (batch, new tokens, vocab). temperature=0 is greedy.
     """
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+    def __init__(self, model, tokenizer, max_new_tokens: int = 128, temperature: float = 0.0,
                  max_prompt_tokens: int | None = None):
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        check_sampling(max_new_tokens, temperature)
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.top_p = top_p
         self.max_prompt_tokens = max_prompt_tokens
         # transformers 5.2x renamed `past_key_values` to `cache`; our floor (4.49) knows only the old name.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -79,12 +90,7 @@ class HFGenerator:
             tokens = logprobs.argmax(-1)
         else:
             logprobs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-            probs = logprobs.exp()
-            if self.top_p < 1:
-                sorted_probs, order = probs.sort(-1, descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
-                probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
         return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
     @torch.no_grad()

@@ -12,9 +12,10 @@ import json
 import resource
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -23,6 +24,42 @@ from .models import BASE_MODEL_FILE, load_causal_lm, merged_adapters_of, paramet
 TRAINER_STATE = "trainer_state.pt"
 LOGIT_CHUNK_ELEMENTS = 1 << 24
 """Logits computed at once by CompletionScorer: rows of the LM head per chunk = this / vocabulary size."""
+
+
+@dataclass
+class StepSample:
+    """One chunk step of one episode: the policy's tokens and what the loss needs about them."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampler_logprobs: list[float]
+    """The sampler's log-probs of the completion (cached decoding or vLLM)."""
+    episode: int
+    advantage: float = 0.0
+    weight: float = 1.0
+    old_logprobs: list[float] | None = None
+    """The trainer's log-probs of the same tokens before the update (`score_old_logprobs`): the ratio's denominator."""
+
+
+def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int):
+    """train_grpo.py's rollout: one episode per env, env i on task task_indices[i] as episode first_episode + i.
+
+    Returns (samples, episodes): every step as a StepSample with the sampled ids and log-probs, and
+    per episode its reward inputs and op counts, in env order.
+    """
+    from .evaluation import run_episodes
+
+    records = sorted(run_episodes(envs, policy, [[t] for t in task_indices], seed, keep_steps=True),
+                     key=lambda r: r["slot"])
+    samples, episodes = [], []
+    for record in records:
+        for _, output in record["steps"]:
+            g = output.generation
+            if g.completion_ids:  # a failed generation (vLLM: prompt over its length) has none
+                samples.append(StepSample(g.prompt_ids, g.completion_ids, g.logprobs, first_episode + record["slot"]))
+        episodes.append({k: record[k] for k in ("em", "f1", "invalid_ops", "ops", "num_steps", "prompts_cut",
+                                                "prompt_tokens_cut")})
+    return samples, episodes
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -153,6 +190,8 @@ def make_accelerator(bf16: bool, device: str):
 
 
 def check_backend_args(args) -> None:
+    if args.dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {args.dtype!r}")
     if args.backend not in ("hf", "vllm") or args.vllm_dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit("error: --backend must be hf or vllm, --vllm-dtype auto, float32 or bfloat16")
 
@@ -181,20 +220,20 @@ def start_vllm_engine(args, accelerator, model, base_model: str, base_gguf: str 
     return engine
 
 
-def check_env_args(env_id: str, data_path: str | None, env_kwargs: str = "{}") -> None:
-    """Exits with a clear message for an unknown id, a dataset id without an existing data file, or --env-kwargs
-    that is not a JSON object of the env's arguments."""
+def check_env_args(args, lengths) -> None:
+    """Exits with a clear message, before any model work, for an unknown id, a dataset id without an existing data
+    file, --env-kwargs that is not a JSON object of the env's arguments, or a length the id cannot take
+    (`lengths`: every context length the run will build envs with, None for the id's own)."""
     import atommem_env
     from atommem_env.env import AtomMemEnv
 
-    from .evaluation import parse_env_kwargs
-
-    if env_id not in atommem_env.ENV_IDS:
-        raise SystemExit(f"error: unknown env id {env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
-    if env_id in atommem_env.DATA_ENV_IDS and not (data_path and Path(data_path).is_file()):
-        raise SystemExit(f"error: {env_id} needs --data-path pointing at an existing file")
+    if args.env_id not in atommem_env.ENV_IDS:
+        raise SystemExit(f"error: unknown env id {args.env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
+    if args.env_id in atommem_env.DATA_ENV_IDS and not (args.data_path and Path(args.data_path).is_file()):
+        raise SystemExit(f"error: {args.env_id} needs --data-path pointing at an existing file")
     try:
-        extra = parse_env_kwargs(env_kwargs)
+        for length in lengths:  # the builder every run uses: whatever it refuses is refused here first
+            extra = trainer_env_kwargs(args, "train", length)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     unknown = sorted(set(extra) - set(inspect.signature(AtomMemEnv.__init__).parameters) - {"self"})
@@ -212,8 +251,6 @@ def setup_model(model: str, gguf_file: str | None, resume: str | None, lora_r: i
     (or all weights) trains on top; the merged adapters are returned, to be saved with the checkpoint.
     """
     if resume is not None:
-        if not (Path(resume) / TRAINER_STATE).is_file():
-            raise ValueError(f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE})")
         net, tokenizer = load_causal_lm(resume, device=device, dtype=dtype, trainable=True)
         merged = merged_adapters_of(resume)
     else:
@@ -254,6 +291,66 @@ def load_reference(spec: dict, device: str, dtype: str):
     return CompletionScorer(net).eval().requires_grad_(False)
 
 
+def token_logprobs(scorer, samples, pad_id: int, temperature: float, device):
+    """(log-probs, entropy, mask) of the samples' completion tokens, each (batch, longest completion)."""
+    batch = pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_id)
+    logprobs, entropy, _ = scorer(**{k: v.to(device) for k, v in batch.items()}, temperature=temperature)
+    return logprobs, entropy, batch["target_mask"].to(device).float()
+
+
+def disable_dropout(model) -> None:
+    """Rollouts sample in eval mode; the update must see the same network, or the first ratio is not 1. Dropout
+    lives in nn.Dropout modules and in attention's functional dropout rate (`attention_dropout` in Llama)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def make_reference_logprobs(args, accelerator, lm, scorer, reference_spec: dict, pad_id: int):
+    """batch -> the KL reference's log-probs (None with beta 0). The reference is the run's starting policy,
+    the same after --resume: with LoRA, the policy with its adapter disabled (the base, with any start adapter
+    merged); with all weights, the start loaded again, frozen, in the policy's precision."""
+    if args.beta == 0:
+        return None
+    if hasattr(lm, "peft_config"):
+        def reference_logprobs(batch):
+            with torch.no_grad(), lm.disable_adapter():
+                return token_logprobs(accelerator.unwrap_model(scorer), batch, pad_id, args.temperature,
+                                      accelerator.device)[0]
+        return reference_logprobs
+    dtype = "bfloat16" if args.dtype == "bfloat16" or accelerator.mixed_precision == "bf16" else "float32"
+    try:
+        reference = load_reference(reference_spec, str(accelerator.device), dtype)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    def reference_logprobs(batch):
+        with torch.no_grad(), accelerator.autocast():
+            return token_logprobs(reference, batch, pad_id, args.temperature, accelerator.device)[0]
+    return reference_logprobs
+
+
+def rollout_metrics(episodes: list[dict], response_lengths: list[int], rewards: np.ndarray, zero_std: float) -> dict:
+    """train_grpo.py's rollout/ metrics of an iteration, over all its episodes; `response_lengths`: tokens per step."""
+    from .evaluation import OP_KEYS
+
+    total_ops = sum(sum(e["ops"].values()) + e["invalid_ops"] for e in episodes)
+    total_steps = sum(e["num_steps"] for e in episodes)
+    return {
+        "rollout/reward_mean": rewards.mean(), "rollout/reward_std": rewards.std(),
+        "rollout/em": np.mean([e["em"] for e in episodes]), "rollout/f1": np.mean([e["f1"] for e in episodes]),
+        "rollout/zero_std_group_fraction": zero_std,
+        "rollout/invalid_op_rate": sum(e["invalid_ops"] for e in episodes) / max(1, total_ops),
+        "rollout/prompt_cut_rate": sum(e["prompts_cut"] for e in episodes) / total_steps,
+        "rollout/prompt_tokens_cut_per_step": sum(e["prompt_tokens_cut"] for e in episodes) / total_steps,
+        "rollout/response_length": np.mean(response_lengths),
+        **{f"rollout/ops_{op}_per_episode": np.mean([e["ops"][op] for e in episodes]) for op in OP_KEYS + ("answer",)},
+    }
+
+
 def save_checkpoint(path: Path, model, tokenizer, args, base_model: str, gguf_file: str | None,
                     trainer_state: dict, merged_adapters: list[Path] = ()) -> None:
     """Model (or LoRA adapter, with the adapters merged under it), tokenizer, Args as JSON, trainer state."""
@@ -273,10 +370,21 @@ def save_checkpoint(path: Path, model, tokenizer, args, base_model: str, gguf_fi
     torch.save(trainer_state, path / TRAINER_STATE)
 
 
-def load_trainer_state(resume: str | None) -> dict | None:
+def load_trainer_state(resume: str | None, script: str, required: tuple[str, ...]) -> dict | None:
+    """The trainer state of a `script` checkpoint to resume from (None without --resume); exits, before any model
+    work, on a directory that is not one, naming what a resumable checkpoint of `script` holds."""
     if resume is None:
         return None
-    return torch.load(Path(resume) / TRAINER_STATE, weights_only=False)
+    path = Path(resume) / TRAINER_STATE
+    holds = f"a {script} checkpoint directory (runs/<run>/checkpoint) holds {TRAINER_STATE} with {', '.join(required)}"
+    if not path.is_file():
+        raise SystemExit(f"error: --resume {resume}: not a checkpoint directory (no {TRAINER_STATE}); {holds}")
+    state = torch.load(path, weights_only=False)
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise SystemExit(f"error: --resume {resume}: not a {script} checkpoint (its {TRAINER_STATE} has no "
+                         f"{', '.join(missing)}); {holds}. To start from another run's checkpoint, give it as --model")
+    return state
 
 
 def base_model_of(model: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -316,20 +424,15 @@ def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator, eng
     """
     from accelerate.utils import gather_object
 
-    from .backends import HFGenerator
+    from .backends import local_sampler
     from .evaluation import (episode_schedules, length_label, make_vector_env, protocol_of, run_episodes,
                              summarize)
     from .policies import LLMPolicy
 
     if engine is not None:
-        from .vllm_backend import VLLMGenerator
-
         engine.load_weights(model)
-        generator = VLLMGenerator(engine, tokenizer, max_new_tokens=args.eval_max_new_tokens,
-                                  max_prompt_tokens=args.max_prompt_tokens)
-    else:
-        generator = HFGenerator(model, tokenizer, max_new_tokens=args.eval_max_new_tokens,
-                                max_prompt_tokens=args.max_prompt_tokens)
+    generator = local_sampler(model, tokenizer, engine, max_new_tokens=args.eval_max_new_tokens,
+                              max_prompt_tokens=args.max_prompt_tokens)
     policy = LLMPolicy(generator, protocol_of(args.env_id))
     was_training = model.training
     model.eval()

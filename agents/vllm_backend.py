@@ -13,7 +13,7 @@ reach the worker to load weights; scripts that start one still need the `__main_
 
 Sampling is temperature only: vLLM's own defaults (`generation_config="vllm"`), not the model's
 generation_config, and log-probs after temperature (`logprobs_mode="processed_logprobs"`): the
-distribution the GRPO loss assumes. top_p is offered for evaluation only.
+distribution the GRPO loss assumes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import Generation
+from .backends import Generation, check_sampling
 from .prompt import encode_prompt
 
 
@@ -125,24 +125,21 @@ class VLLMGenerator:
     """The HFGenerator interface over a VLLMEngine: chat conversations in, Generations (ids, log-probs) out."""
 
     def __init__(self, engine: VLLMEngine, tokenizer, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, max_prompt_tokens: int | None = None):
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+                 max_prompt_tokens: int | None = None):
+        check_sampling(max_new_tokens, temperature)
         if max_prompt_tokens is not None and max_prompt_tokens + max_new_tokens > engine.max_model_len:
             raise ValueError(f"max_prompt_tokens + max_new_tokens ({max_prompt_tokens + max_new_tokens}) exceeds the "
                              f"engine's max_model_len ({engine.max_model_len})")
         self.engine, self.tokenizer = engine, tokenizer
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.max_prompt_tokens = max_prompt_tokens
 
     def encode_prompt(self, messages: list[dict]) -> tuple[list[int], int]:
         return encode_prompt(self.tokenizer, messages, self.max_prompt_tokens)
 
     def sampling_params(self, vllm):
-        """Temperature (and top_p) only; one log-prob per token, the sampled one's."""
-        return vllm.SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
+        """Temperature only; one log-prob per token, the sampled one's."""
+        return vllm.SamplingParams(temperature=self.temperature, max_tokens=self.max_new_tokens,
                                    logprobs=0, stop_token_ids=[self.tokenizer.eos_token_id])
 
     def generate(self, conversations: list[list[dict]]) -> list[Generation]:

@@ -59,7 +59,7 @@ def one_cell(vocab: int, new_tokens: int, batch: int, micro_batch: int) -> dict:
     from agents import HFGenerator
     from agents.models import build_tiny_model, load_causal_lm
     from agents.training import CompletionScorer
-    from train_grpo import StepSample, grpo_loss, loss_denominator, padded_old_logprobs, token_logprobs
+    from train_grpo import StepSample, grpo_loss, loss_denominator, padded, token_logprobs
 
     torch.manual_seed(0)
     path = build_tiny_model(vocab_size=2048, num_layers=1, padded_vocab_size=vocab)
@@ -82,7 +82,7 @@ def one_cell(vocab: int, new_tokens: int, batch: int, micro_batch: int) -> dict:
         for begin in range(0, rows, micro_batch):
             part = samples[begin:begin + micro_batch]
             logprobs, _, mask = token_logprobs(scorer, part, tokenizer.pad_token_id, 1.0, device)
-            loss, _ = grpo_loss(logprobs, padded_old_logprobs(part, logprobs), None,
+            loss, _ = grpo_loss(logprobs, padded([s.sampler_logprobs for s in part], logprobs), None,
                                 torch.tensor([s.advantage for s in part], device=device), weights[:len(part)], mask,
                                 args, denominator)
             loss.backward()

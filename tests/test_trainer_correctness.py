@@ -181,7 +181,7 @@ def test_sampling_ignores_the_models_generation_config_processors():
     samples = [train_grpo.StepSample(g.prompt_ids, g.completion_ids, g.logprobs, 0) for g in generations]
     with torch.no_grad():
         logprobs, _, mask = train_grpo.token_logprobs(scorer, samples, generator.tokenizer.pad_token_id, 1.0, "cpu")
-    old = train_grpo.padded_old_logprobs(samples, logprobs)
+    old = train_grpo.padded([s.sampler_logprobs for s in samples], logprobs)
     assert torch.allclose(logprobs * mask, old, atol=1e-4)
     # top_k=1 from the config would make every sampled token the argmax: a random tiny model's argmax has
     # probability ~1e-3, so sampling from softmax(logits / T) picks it almost never.
@@ -281,6 +281,6 @@ def test_run_episodes_follows_the_schedules_and_keeps_steps():
     assert sorted((e["slot"], e["task_index"]) for e in episodes) == [(0, 4), (0, 7), (1, 5)]
     assert all(e["em"] == 1.0 and len(e["steps"]) == e["num_steps"] > 0 for e in episodes)
     for name in ("rollout", "collect_teacher_samples"):
-        source = (REPO / ("train_grpo.py" if name == "rollout" else "train_sft.py")).read_text()
+        source = (REPO / ("agents/training.py" if name == "rollout" else "train_sft.py")).read_text()
         body = source[source.index(f"def {name}"):]
         assert "run_episodes(" in body.split("\ndef ")[0] and "envs.step(" not in body.split("\ndef ")[0]

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -12,8 +13,8 @@ from conftest import REPO
 import train_grpo
 from agents import HFGenerator, build_messages
 from agents.training import CompletionScorer
-from train_grpo import (StepSample, group_advantages, grpo_loss, logprob_gap, loss_denominator, padded_old_logprobs,
-                        samples_to_score, token_logprobs)
+from train_grpo import (StepSample, group_advantages, grpo_loss, logprob_gap, loss_denominator, padded,
+                        score_old_logprobs, token_logprobs)
 
 
 def _run(script, *flags, timeout=600):
@@ -130,14 +131,27 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
 
 
 def _torchrun(script, *flags):
+    """Two CPU processes, through tests/trace_trainer.py (it prints the process-group time-out and each process's
+    share of every evaluation)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           script, "--device", "cpu", *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "tests/trace_trainer.py", script, "--device", "cpu", *flags], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _shared_evaluations(stdout: str, episodes: int) -> None:
+    """Both processes wait hours at collectives, and every evaluation is split between them (not main-only)."""
+    timeouts = re.findall(r"TRACE process_group_timeout_s=(\S+)", stdout)
+    assert len(timeouts) == 2 and all(t != "None" and float(t) >= 3600 for t in timeouts), timeouts
+    shares = re.findall(r"TRACE rank=(\d) evaluation_episodes=(\d+)", stdout)
+    assert shares and {rank for rank, _ in shares} == {"0", "1"}
+    assert all(int(n) == episodes // 2 for _, n in shares), shares
 
 
 def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     sft = _torchrun("train_sft.py", *SFT_TINY, "--save-dir", str(tmp_path / "sft"))
     assert sft.returncode == 0, sft.stderr[-3000:]
     assert "2 batches per process (2 processes)" in sft.stdout  # 16 samples, batches of 4, split in two
+    _shared_evaluations(sft.stdout, 2)
     run, summary = _summary(tmp_path / "sft")
     assert (run / "checkpoint" / "model.safetensors").is_file() and "300" in summary["eval"]
     checkpoint, _ = sft_checkpoint
@@ -151,6 +165,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     assert summary["num_processes"] == 2 and [h["iteration"] for h in summary["eval_history"]] == [0, 2]
     assert (run / "checkpoint" / "trainer_state.pt").is_file()
     assert grpo.stdout.count("iter=2 ") == 1  # only the main process logs
+    _shared_evaluations(grpo.stdout, 2)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = EventAccumulator(str(run))
@@ -183,13 +198,24 @@ def test_group_advantages():
 
 
 def test_only_samples_that_train_are_scored_plus_the_sync_check():
-    samples = [StepSample([1], [2, 3], [-0.5, -0.5], episode=i, advantage=a) for i, a in enumerate([0, 0, 0, 1.5, -0.5, 0])]
-    assert [s.episode for s in samples_to_score(samples, beta=0.0, sync_check=2)] == [0, 1, 3, 4]
-    assert len(samples_to_score(samples, beta=0.04, sync_check=2)) == 6  # the KL term trains every sample
-    for s in samples_to_score(samples, beta=0.0, sync_check=0):  # as trainer_logprobs does
-        s.sampler_logprobs, s.old_logprobs = s.old_logprobs, [-0.25, -1.5]
-    # the gap is over scored samples only: 0.25 and 1.0 per token, not the unscored samples' zeros
-    assert logprob_gap(samples) == (0.625, 1.0)
+    def scorer(input_ids, target_mask, temperature, **_):  # every token's log-prob: -1 x its row in the batch
+        rows = torch.arange(len(input_ids), dtype=torch.float)[:, None].expand(target_mask.shape)
+        return -rows * target_mask, torch.zeros_like(rows), target_mask
+
+    def scored(beta, sync_check):
+        samples = [StepSample([1], [2, 3], [-0.5, -0.5], episode=i, advantage=a)
+                   for i, a in enumerate([0, 0, 0, 1.5, -0.5, 0])]
+        score_old_logprobs(scorer, samples, SimpleNamespace(beta=beta, micro_batch_size=sync_check, temperature=1.0),
+                           0, "cpu")
+        return samples, [s.episode for s in samples if s.old_logprobs is not None]
+
+    assert scored(0.0, 2)[1] == [0, 1, 3, 4]  # the first micro-batch (the sync check), then non-zero advantages
+    assert scored(0.04, 2)[1] == [0, 1, 2, 3, 4, 5]  # the KL term trains every sample
+    samples, _ = scored(0.0, 2)
+    # micro-batches [0, 1] and [3, 4]: old log-probs 0 and -1 per token; the gap to -0.5 is over scored samples only
+    assert [s.old_logprobs for s in samples if s.old_logprobs] == [[0.0, 0.0], [-1.0, -1.0]] * 2
+    assert logprob_gap(samples) == (0.5, 0.5)
+
 
 def _args(**kw):
     base = dict(epsilon=0.2, epsilon_high=None, beta=0.0, loss_type="grpo")
@@ -266,7 +292,7 @@ def test_rollout_logprobs_match_the_training_forward_pass():
                                        0.7, "cpu")
     for row, s in enumerate(samples):
         n = len(s.completion_ids)
-        assert torch.allclose(logprobs[row, :n], torch.tensor(s.old_logprobs), atol=1e-4)
+        assert torch.allclose(logprobs[row, :n], torch.tensor(s.sampler_logprobs), atol=1e-4)
         assert mask[row].sum() == n
 
 
@@ -287,10 +313,10 @@ def test_grpo_updates_move_probability_towards_the_rewarded_completion():
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(5):
         # old log-probs from the current policy: ratio 1, as right after a rollout
-        batch = [StepSample(prompt, completion, token_logprobs_of(completion).tolist(), episode=0)
+        batch = [StepSample(prompt, completion, [], episode=0, old_logprobs=token_logprobs_of(completion).tolist())
                  for completion in (good, bad)]
         logprobs, _, mask = token_logprobs(scorer, batch, tokenizer.pad_token_id, 1.0, "cpu")
-        loss, _ = _loss(logprobs, padded_old_logprobs(batch, logprobs), None, torch.tensor([1.0, -1.0]), torch.ones(2),
+        loss, _ = _loss(logprobs, padded([s.old_logprobs for s in batch], logprobs), None, torch.tensor([1.0, -1.0]), torch.ones(2),
                         mask, _args())
         optimizer.zero_grad()
         loss.backward()
@@ -325,19 +351,6 @@ def test_completion_scorer_equals_the_full_forward_pass(lora, monkeypatch):
         assert (logprobs[row, len(e):] == 0).all()
     (grad,) = torch.autograd.grad(logprobs.sum(), [p for p in model.parameters() if p.requires_grad][-1])
     assert torch.allclose(grad, expected_grad, atol=1e-5)
-
-
-def test_task_schedule_slots_put_groups_on_one_task():
-    import gymnasium as gym
-
-    from atommem_env.wrappers import TaskSchedule
-
-    envs = gym.vector.SyncVectorEnv([lambda i=i: TaskSchedule(gym.make("AtomMem/SyntheticEasy-v0", embedder="hashing"),
-                                                              slot=i) for i in range(4)])
-    envs.reset(seed=0, options={"task_indices": [7, 7, 9, 9]})
-    ids = [t.task_id for t in envs.get_attr("task")]
-    assert ids[0] == ids[1] != ids[2] == ids[3]
-    envs.close()
 
 
 assert train_grpo.Args().loss_type == "grpo"
