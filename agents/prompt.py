@@ -89,14 +89,14 @@ def user_message(obs: dict) -> str:
 def paper_user_message(obs: dict) -> str:
     chunk_index, num_chunks = int(obs["chunk_index"]), int(obs["num_chunks"])
     reading = chunk_index < num_chunks
-    left = int(obs["reads_left"])
+    used = 3 - int(obs["reads_left"])
     parts = [f"{'Questions to solve' if reading else 'Problem'}:\n{obs['question']}",
              f"Short-term memory from the previous step:\n{obs['scratchpad'] or '(empty)'}",
              f"Current query for retrieving memories:\n{obs.get('query', '')}",
-             f"Memories that match the query:\n{obs['retrieved'] or 'No memory yet'}"]
+             f"Memories that match the query:\n{obs['retrieved'] or 'No previous memory'}"]
     if obs["feedback"]:
         parts.append(f"Feedback: {obs['feedback']}")
-    parts.append(f"Query updates left for this question: {left} (3 in a row are allowed; one more skips the question "
+    parts.append(f"Query updates used for this question: {used} (3 in a row are allowed; one more skips the question "
                  "unanswered).")
     if not reading:
         parts.append(PAPER_ANSWER_INSTRUCTIONS)

@@ -16,7 +16,7 @@ from .memory import MemoryOpError, Scratchpad, VectorMemory
 from .protocols import (OP_NAMES, PROTOCOLS, Answer, Create, Delete, Read, SetQuery, SetScratchpad, Update,
                         parse_action)
 from .spaces import UnicodeText
-from .scoring import exact_match, f1_score, last_boxed, paper_match
+from .scoring import exact_match, f1_score, last_boxed, official_score, paper_match
 from .tasks import Task, TaskSource
 from .tokens import make_token_counter
 
@@ -26,12 +26,28 @@ _TEXT_LIMIT = 1 << 30
 _COUNTER = spaces.Box(low=0, high=np.iinfo(np.int64).max, shape=(), dtype=np.int64)
 _FEEDBACK_CHARS = 2000
 _MESSAGE_CHARS = 240
-PAPER_DEFAULT_QUERY = "default query: change it"
-"""The paper protocol's query before the agent sets one (the official loop starts with a placeholder too)."""
+PAPER_DEFAULT_QUERY = "defult query, change it!"
+"""The paper protocol's query before the agent sets one: the official loop's placeholder, spelling and all."""
+PAPER_NO_MEMORY = "No previous memory"
+"""What the official loop shows where the query retrieves nothing."""
+PAPER_QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+"""The official loop's prefix on every retrieval query (its Qwen3-Embedding instruction)."""
+PAPER_MAX_STEPS = 41
+"""The official loop ends an episode after its 41st reply (`max_chunks` 40: a step past it), whatever the length."""
+PAPER_RETRIEVED_TOKENS = 4096
+"""The official loop cuts the retrieved memories it shows to this many tokens."""
+_OFFICIAL_TAG = re.compile(r"<(\w+)[^>]*>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
+_OFFICIAL_MODIFY = re.compile(r"Memory\s+(\d+)\s*:\s*(.*)", re.DOTALL)
+_OFFICIAL_DELETE = re.compile(r"Memory\s+(\d+)", re.DOTALL)
+_OFFICIAL_KINDS = {"add_memory": "create", "modify_memory": "update", "delete_memory": "delete",
+                   "update_memory": "scratchpad", "update_query": "query", "final_answer": "answer"}
+
+
+class _OfficialAbort(Exception):
+    """Where the official loop raises inside a reply (and catches it): the rest of the reply is dropped."""
 PAPER_QUERY_UPDATES = 3
 """Paper protocol: query updates allowed per question in a row; one more skips the question."""
 ANSWER_MATCHING = ("pooled", "per_question")
-_PAIRED_TAG = re.compile(r"<(\w+)[^>]*>.*?</\1>", re.IGNORECASE | re.DOTALL)
 
 
 def _indented(text: str) -> str:
@@ -84,12 +100,14 @@ class AtomMemEnv(gym.Env):
     ## Rewards
     At the last step: the mean over questions of exact match between the answer and any gold answer
     (SQuAD normalisation: lower case, no punctuation or articles), 1 or 0 for one question;
-    unanswered questions score 0. Paper protocol, as the official scorer: the last `\\boxed{}` in the
-    answer's last 300 characters, lower-cased and `strip_string`-normalised (`atommem_env.scoring`),
-    and by default ("pooled" `answer_matching`) each answer is matched against the gold answers of
-    *all* the task's questions, the official multi-query rule; "per_question" matches each answer
-    against its own question's answers only. Optional shaping: `-invalid_op_penalty` per invalid
-    operation at every step (0 by default).
+    unanswered questions score 0. Paper protocol: the official score (`atommem_env.scoring.official_score`):
+    every reply with one `<final_answer>` (or else any `\\boxed{`) scores 1 when the last `\\boxed{}` in
+    its last 300 characters, lower-cased and `strip_string`-normalised, equals a gold answer of *any*
+    question; the sum, uncapped (boxes in reading replies count too), over the number of questions.
+    `answer_matching="per_question"` scores each question's recorded answer against its own gold
+    answers instead (`question_em`). With `paper_fixes=True`, one answer per question, matched against
+    all questions' answers ("pooled", the default) or its own. Optional shaping: `-invalid_op_penalty`
+    per invalid operation at every step (0 by default).
 
     ## Starting State
     `reset` draws a task from the task source with `self.np_random` (or takes
@@ -102,15 +120,25 @@ class AtomMemEnv(gym.Env):
     answer phase (no chunk): Answers are accepted there only. Termination: every question answered.
     Truncation: `max_answer_steps` answer-phase steps without all answers, or `max_steps` steps.
 
-    Paper protocol (the official AtomMem loop; docs/eval.md has the point-by-point table): the
-    query's top-k entries are shown at every step, from the first (with a placeholder query).
-    Operations apply in reply order. While reading, the chunk moves on after an `<add_memory>` or
-    `<modify_memory>` tag (even one that fails) or a reply without any paired tag, and otherwise
-    stays. `<final_answer>` answers the current question, also before the last chunk; after the
-    last chunk the questions are shown one at a time. A question allows 3 query updates in a row
-    (an add, modify, delete or short-term-memory update starts the count again); a 4th skips it
-    unanswered. Termination: the last question answered or skipped. Truncation: `max_steps` steps
-    (default 2 x chunks + 4 x questions).
+    Paper protocol: the official AtomMem loop, its quirks included (docs/eval.md: each behaviour with
+    the official file and lines). The query's top-k entries (the query prefixed with the official
+    embedding instruction) are shown at every step, from the first (with the placeholder query),
+    cut to 4096 tokens. Every paired tag `<name ...>...</name>` is consumed in reply order, whatever
+    its name, so operations inside `<think>` never run. The chunk moves on after an add or modify tag
+    (an empty add stores nothing and still moves on). A reply without paired tags, or a modify or
+    delete whose text does not start with `Memory i` (case-sensitive), or a `Memory i` the shown
+    list cannot index, drops the rest of its reply and keeps the chunk (the official code raises and
+    catches there; one error line). `Memory 0` is the last entry shown; a modify deletes the first
+    stored entry with the shown text, then adds the new text (none: a delete). `<final_answer>`
+    (empty too) moves to the next question, also before the last chunk; after the last chunk the
+    questions are shown one at a time. A question allows 3 query updates in a row (an add, modify,
+    delete or short-term-memory update starts the count again, an empty query counts); a 4th skips
+    it. No length limits. Termination: the last question answered or skipped (later tags of that
+    reply still apply). Truncation: `max_steps` steps (default 41, the official `max_chunks` 40).
+    `paper_fixes=True` gives the intended behaviour instead: a reply without tags moves on,
+    malformed or unknown references are error lines while the rest of the reply applies, ids are
+    ASCII digits, tags inside other tags run, the entry and scratchpad limits apply, answers after
+    the last question are errors, and the step cap is 2 x chunks + 4 x questions.
 
     ## Arguments
     - `dataset`: "synthetic" (default; no data files), "hotpotqa", "2wiki", "musique", or a TaskSource.
@@ -118,7 +146,8 @@ class AtomMemEnv(gym.Env):
       `max_tasks`, `skip_malformed`: passed to `atommem_env.data.make_task_source`.
     - `chunk_tokens` (1024), `chunk_overlap` (0): chunk size and overlap, counted by `token_counter`
       ("regex" default, or "hf:<tokenizer>").
-    - `protocol`: "atommem" (default) or "paper".
+    - `protocol`: "atommem" (default) or "paper" (the official loop); `paper_fixes` (False): the paper
+      protocol's intended behaviour instead of the official loop's quirks.
     - `enabled_ops`: subset of create/read/update/delete/scratchpad/query (default all); a disabled
       op in an action is an error message. `use_scratchpad=False` and `use_vector_store=False`
       remove the scratchpad and the four memory ops.
@@ -126,7 +155,8 @@ class AtomMemEnv(gym.Env):
     - `max_steps` (None: no cap in the atommem protocol, 2 x chunks + 4 x questions in the paper's).
     - `answer_matching`: None (the protocol's own: "pooled" for paper, "per_question" for atommem),
       "pooled" or "per_question".
-    - `max_entries` (None), `max_entry_chars` (2000), `max_scratchpad_chars` (4000), `max_action_chars` (100000).
+    - `max_entries` (None), `max_entry_chars` and `max_scratchpad_chars` ("auto": 2000 and 4000, none in the
+      official paper loop), `max_action_chars` (100000).
     - `embedder`: "minilm" (default, all-MiniLM-L6-v2), "hashing" (fast, model-free) or "st:<model>".
     - `index_precision` ("fp32" exact or "fp16"), `device` ("cpu", or "cuda[:N]" with faiss-gpu).
     - `invalid_op_penalty` (0.0), `render_mode` (None or "ansi").
@@ -138,7 +168,8 @@ class AtomMemEnv(gym.Env):
     `total_invalid_ops`, `op_counts` (dict: create/read/update/delete/scratchpad/query/answer,
     valid ops so far), `tokens_shown` (chunk, question, scratchpad and retrieved tokens shown so
     far). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `answers`
-    and `gold_answers`.
+    and `gold_answers`; with the paper protocol also `official_score` (the official scorer over every
+    reply) and `question_em` (each question's answer against its own gold answers).
 
     ## Example
         >>> import gymnasium as gym, atommem_env
@@ -154,7 +185,8 @@ class AtomMemEnv(gym.Env):
 
     ## Version History
     - v0: initial release. Before the first release, the paper protocol was brought to the official
-      loop's rules (the points in docs/eval.md) and the `query` observation key was added.
+      loop's rules (the points in docs/eval.md) and the `query` observation key was added; then the
+      official loop's quirks and scorer became the default, the earlier rules `paper_fixes=True`.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -174,6 +206,7 @@ class AtomMemEnv(gym.Env):
         chunk_overlap: int = 0,
         token_counter: Any = "regex",
         protocol: str = "atommem",
+        paper_fixes: bool = False,
         enabled_ops: tuple[str, ...] | None = None,
         use_scratchpad: bool = True,
         use_vector_store: bool = True,
@@ -183,8 +216,8 @@ class AtomMemEnv(gym.Env):
         max_steps: int | None = None,
         answer_matching: str | None = None,
         max_entries: int | None = None,
-        max_entry_chars: int | None = 2000,
-        max_scratchpad_chars: int | None = 4000,
+        max_entry_chars: int | None | str = "auto",
+        max_scratchpad_chars: int | None | str = "auto",
         max_action_chars: int = 100_000,
         embedder: str = "minilm",
         index_precision: str = "fp32",
@@ -194,6 +227,8 @@ class AtomMemEnv(gym.Env):
     ):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if paper_fixes and protocol != "paper":
+            raise ValueError("paper_fixes changes the paper protocol's official loop; it needs protocol='paper'")
         for name, value in [("chunk_tokens", chunk_tokens), ("top_k", top_k), ("max_answer_steps", max_answer_steps),
                             ("max_action_chars", max_action_chars)]:
             if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -227,6 +262,7 @@ class AtomMemEnv(gym.Env):
         self.chunk_overlap = int(chunk_overlap)
         self.token_counter = make_token_counter(token_counter)
         self.protocol = protocol
+        self.official = protocol == "paper" and not paper_fixes  # the official loop, quirks and all
         self.use_scratchpad = use_scratchpad
         self.top_k = int(top_k)
         self.max_reads_per_chunk = int(max_reads_per_chunk)
@@ -236,6 +272,11 @@ class AtomMemEnv(gym.Env):
         self.max_action_chars = int(max_action_chars)
         self.invalid_op_penalty = float(invalid_op_penalty)
         self.render_mode = render_mode
+        # The official loop limits no text; the atommem protocol and paper_fixes refuse over-long entries.
+        if max_entry_chars == "auto":
+            max_entry_chars = None if self.official else 2000
+        if max_scratchpad_chars == "auto":
+            max_scratchpad_chars = None if self.official else 4000
         self.memory = VectorMemory(get_embedder(embedder), max_entries=max_entries, max_entry_chars=max_entry_chars,
                                    precision=index_precision, device=device)
         self.scratchpad = Scratchpad(max_scratchpad_chars)
@@ -284,13 +325,17 @@ class AtomMemEnv(gym.Env):
         self.query_updates = 0
         self.question_index = 0
         self.shown_ids: list[int] = []
-        default_cap = 2 * len(self.chunker) + 4 * len(self.task.questions) if self.protocol == "paper" else None
+        self.shown_texts: list[str] = []  # official loop: what "Memory i" referred to when the reply was written
+        self.replies: list[str] = []  # official loop: every reply is scored
+        default_cap = None
+        if self.protocol == "paper":
+            default_cap = PAPER_MAX_STEPS if self.official else 2 * len(self.chunker) + 4 * len(self.task.questions)
         self.step_cap = self.max_steps or default_cap
         self.op_counts = Counter({name: 0 for name in ALL_OPS + ("answer",)})
         self.total_invalid_ops = 0
         self.tokens_shown = 0
         self.done = False
-        self._obs = self._observation(retrieved="", feedback="")
+        self._obs = self._observation(retrieved=self._paper_retrieve() if self.protocol == "paper" else "", feedback="")
         info = self._info(invalid=0)
         info["repeated_paragraphs"] = int(dict(self.task.metadata).get("repeated_paragraphs", 0))
         stats = getattr(self.task_source, "load_stats", None)
@@ -323,11 +368,14 @@ class AtomMemEnv(gym.Env):
             action = action[:self.max_action_chars]
 
         parsed = parse_action(action, self.protocol)
-        for problem in parsed.errors:
-            error(problem)
-        self._prefetch_embeddings(parsed.ops)
+        if not self.official:  # the official loop reads replies its own way (_official_step)
+            for problem in parsed.errors:
+                error(problem)
+            self._prefetch_embeddings(parsed.ops)
         self.steps += 1
-        if self.protocol == "paper":
+        if self.official:
+            terminated, retrieved = self._official_step(action, messages, error)
+        elif self.protocol == "paper":
             terminated, retrieved = self._paper_step(parsed, action, messages, error)
         else:
             terminated, retrieved = self._atommem_step(parsed, messages, error)
@@ -345,9 +393,9 @@ class AtomMemEnv(gym.Env):
         info = self._info(invalid)
         reward = -self.invalid_op_penalty * invalid
         if self.done:
-            em, f1 = self._score()
-            reward += em
-            info.update(em=em, f1=f1, answers=tuple(self.answers.get(i, "") for i in range(len(self.task.questions))),
+            scores = self._score()
+            reward += scores["em"]
+            info.update(scores, answers=tuple(self.answers.get(i, "") for i in range(len(self.task.questions))),
                         gold_answers=tuple(q.answers for q in self.task.questions))
         return self._obs, float(reward), terminated, truncated, info
 
@@ -391,7 +439,7 @@ class AtomMemEnv(gym.Env):
         the last one ends the episode, also before the last chunk; while reading, the chunk moves on after an add or
         modify tag (even a failed one) or a reply without any paired tag. (terminated, retrieved)."""
         answering = self.chunk_index >= len(self.chunker)
-        move_on = any(tag in ("add_memory", "modify_memory") for tag in parsed.tags) or not _PAIRED_TAG.search(action)
+        move_on = any(tag in ("add_memory", "modify_memory") for tag in parsed.tags) or not _OFFICIAL_TAG.search(action)
         ended = False
         for op in parsed.ops:
             name = OP_NAMES[type(op)]
@@ -433,6 +481,92 @@ class AtomMemEnv(gym.Env):
         elif move_on and not ended:
             self._next_chunk(messages)
         return ended, retrieved
+
+    def _official_step(self, action: str, messages: list[str], error) -> tuple[bool, str]:
+        """One reply, as the official loop's `parse_action` handles it (docs/eval.md: each behaviour with the official
+        lines). Every paired tag, of any name, is consumed in order (so tags inside `<think>` never run); a reply
+        with none, a modify or delete without `Memory i`, or a `Memory i` the shown list cannot index raises there,
+        and is caught: the rest of the reply is dropped and the chunk stays. Otherwise an add or modify moves the
+        chunk on. Answers are recorded; the score comes from every reply (`official_score`). (terminated, retrieved)
+        """
+        answering = self.chunk_index >= len(self.chunker)
+        self.replies.append(action)
+        move_on = ended = False
+        try:
+            tags = _OFFICIAL_TAG.findall(action)
+            if not tags:
+                raise _OfficialAbort("the reply has no paired tag")
+            for name, content in tags:
+                name, content = name.lower(), content.strip()
+                kind = _OFFICIAL_KINDS.get(name)
+                if kind is None:
+                    continue  # <think> and other unknown tags: consumed, nothing done
+                if kind != "answer" and kind not in self.enabled_ops:
+                    error(f"'{kind}' is disabled in this environment")
+                    move_on = move_on or name in ("add_memory", "modify_memory")  # the reply still reads on
+                    continue
+                if name == "update_query":
+                    if self.query_updates > PAPER_QUERY_UPDATES - 1:
+                        messages.append(f"more than {PAPER_QUERY_UPDATES} query updates in a row for question "
+                                        f"{self.question_index + 1}: it is skipped, unanswered")
+                        ended = self._next_question() or ended
+                        continue
+                    if content:
+                        self.query = content
+                    self.query_updates += 1
+                elif name == "final_answer":
+                    self.answers[self.question_index] = content
+                    ended = self._next_question() or ended
+                else:
+                    try:
+                        self._official_memory_op(name, content, messages)
+                    except MemoryOpError as err:  # a limit the user set (max_entries); the official code has none
+                        error(f"{kind}: {err}")
+                        continue
+                    self.query_updates = 0
+                    move_on = move_on or name in ("add_memory", "modify_memory")
+                if content or name != "add_memory":  # an empty add stores nothing: no Create to count
+                    self.op_counts[kind] += 1
+        except _OfficialAbort as err:
+            error(f"{err}: the rest of the reply is dropped and the chunk stays (the official loop raises here "
+                  "and catches it)")
+            move_on = False
+        retrieved = self._paper_retrieve()
+        if answering:
+            self.answer_steps += 1
+        elif move_on and not ended:
+            self._next_chunk(messages)
+        return ended, retrieved
+
+    def _official_memory_op(self, name: str, content: str, messages: list[str]) -> None:
+        """add_memory, modify_memory, delete_memory, update_memory of the official loop; `Memory i` indexes the
+        list shown with this reply's prompt as Python does (`Memory 0` is the last one)."""
+        if name == "update_memory":
+            self.scratchpad.set(content)
+            return
+        if name == "add_memory":
+            if content:
+                messages.append(f"created entry {self.memory.create(content)}")
+            return
+        m = (_OFFICIAL_MODIFY if name == "modify_memory" else _OFFICIAL_DELETE).match(content)
+        if m is None:
+            raise _OfficialAbort(f"<{name}> does not start with 'Memory i'")
+        position = int(m.group(1)) - 1
+        if position >= len(self.shown_texts):
+            messages.append(f"Memory {m.group(1)} is not among the {len(self.shown_texts)} shown: nothing changed")
+            return
+        try:
+            old = self.shown_texts[position]
+        except IndexError:
+            raise _OfficialAbort(f"Memory {m.group(1)} with {len(self.shown_texts)} memories shown") from None
+        # As the official code: the first stored entry with that text goes, then the new text (if any) is added.
+        first = next((e.id for e in self.memory.entries() if e.text == old), None)
+        if first is not None:
+            self.memory.delete(first)
+            messages.append(f"deleted entry {first}")
+        new = m.group(2).strip() if name == "modify_memory" else ""
+        if new:
+            messages.append(f"created entry {self.memory.create(new)}")
 
     def _apply_shared(self, op, messages: list[str]) -> None:
         """Create, Delete and SetScratchpad, the same in both protocols; a MemoryOpError changes nothing."""
@@ -496,10 +630,18 @@ class AtomMemEnv(gym.Env):
         self.answers[index] = op.text
 
     def _paper_retrieve(self) -> str:
-        """The top-k entries for the persistent query as `Memory i:` lines, remembered for modify and delete."""
-        found = self.memory.read(self.query, self.top_k) if len(self.memory) and "query" in self.enabled_ops else []
+        """The top-k entries for the persistent query as `Memory i:` lines, remembered for modify and delete.
+        The official loop prefixes the query with its embedding instruction, shows its placeholder where nothing is
+        found, leaves entries' later lines as they are and cuts the list to 4096 tokens."""
+        query = PAPER_QUERY_INSTRUCTION + self.query if self.official else self.query
+        found = self.memory.read(query, self.top_k) if len(self.memory) and "query" in self.enabled_ops else []
         self.shown_ids = [e.id for e in found]
-        return "\n".join(f"Memory {rank}: {_indented(e.text)}" for rank, e in enumerate(found, start=1))
+        self.shown_texts = [e.text for e in found]
+        if not self.official:
+            return "\n".join(f"Memory {rank}: {_indented(e.text)}" for rank, e in enumerate(found, start=1))
+        text = "\n".join(f"Memory {rank}: {e.text}" for rank, e in enumerate(found, start=1)) or PAPER_NO_MEMORY
+        spans = self.token_counter.spans(text)
+        return text[:spans[PAPER_RETRIEVED_TOKENS - 1][1]] if len(spans) > PAPER_RETRIEVED_TOKENS else text
 
     def _retrieve(self, reads: list[str]) -> str:
         if not reads:
@@ -541,6 +683,8 @@ class AtomMemEnv(gym.Env):
             return questions[min(self.question_index, len(questions) - 1)].question
         if len(questions) == 1:
             return questions[0].question
+        if self.official:  # the official reading template joins the questions, unnumbered
+            return "\n".join(q.question for q in questions)
         return "\n".join(f"Q{i}: {q.question}" for i, q in enumerate(questions, start=1))
 
     def _observation(self, retrieved: str, feedback: str) -> dict:
@@ -582,23 +726,31 @@ class AtomMemEnv(gym.Env):
             "tokens_shown": self.tokens_shown,
         }
 
-    def _score(self) -> tuple[float, float]:
-        """(mean EM, mean F1) over questions; "pooled" matching takes any question's gold answers for each answer."""
-        pooled = tuple(g for q in self.task.questions for g in q.answers)
-        ems, f1s = [], []
-        for i, question in enumerate(self.task.questions):
-            answer = self.answers.get(i)
-            golds = pooled if self.answer_matching == "pooled" else question.answers
-            if answer is None:
-                ems.append(0.0)
-                f1s.append(0.0)
-            elif self.protocol == "paper":
-                ems.append(paper_match(answer, golds))
-                f1s.append(f1_score(last_boxed(answer) or "", question.answers))
-            else:
-                ems.append(exact_match(answer, golds))
-                f1s.append(f1_score(answer, question.answers))
-        return float(np.mean(ems)), float(np.mean(f1s))
+    def _score(self) -> dict:
+        """em (the reward before shaping) and f1, means over questions; with the paper protocol also question_em
+        (each answer against its own question) and official_score (the official scorer over every reply).
+
+        em: atommem, exact match per question; paper, the official score with "pooled" matching (it may pass 1:
+        every boxed reply earns credit) or question_em's mean with "per_question"; paper_fixes, each question's
+        answer against the gold answers of all questions ("pooled") or of its own.
+        """
+        questions = self.task.questions
+        pooled = tuple(g for q in questions for g in q.answers)
+        answers = [self.answers.get(i) for i in range(len(questions))]
+        if self.protocol == "atommem":
+            ems = [0.0 if a is None else exact_match(a, q.answers) for a, q in zip(answers, questions)]
+            f1s = [0.0 if a is None else f1_score(a, q.answers) for a, q in zip(answers, questions)]
+            return {"em": float(np.mean(ems)), "f1": float(np.mean(f1s))}
+        own = [0.0 if a is None else paper_match(a, q.answers) for a, q in zip(answers, questions)]
+        f1s = [0.0 if a is None else f1_score(last_boxed(a) or "", q.answers) for a, q in zip(answers, questions)]
+        official = official_score(self.replies, [q.answers for q in questions])
+        if self.answer_matching == "per_question":
+            em = float(np.mean(own))
+        elif self.official:
+            em = official
+        else:
+            em = float(np.mean([0.0 if a is None else paper_match(a, pooled) for a in answers]))
+        return {"em": em, "f1": float(np.mean(f1s)), "question_em": tuple(own), "official_score": official}
 
     def render(self):
         if self.render_mode != "ansi" or self._obs is None:

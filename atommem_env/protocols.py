@@ -17,7 +17,7 @@ Paper protocol (`protocol="paper"`), the official AtomMem code's tags::
 
     <update_memory>...</update_memory>           rewrite the short-term memory (our scratchpad)
     <update_query>...</update_query>             set the persistent retrieval query
-    <add_memory>...</add_memory>                 create an entry
+    <add_memory>...</add_memory>                 create an entry (empty: store nothing, move on)
     <modify_memory>Memory 2: new text</modify_memory>   replace the 2nd entry shown at this step
     <delete_memory>Memory 2</delete_memory>      delete the 2nd entry shown (only the reference the text starts with)
     <final_answer>\\boxed{...}</final_answer>      answer the current question
@@ -252,6 +252,12 @@ def _delete_paper(attrs: dict, content: str | None) -> Delete:
     return Delete(rank=_positive(m.group(1)))
 
 
+def _add_paper(attrs: dict, content: str | None) -> Create | list:
+    """An entry; an empty add stores nothing, and moves the chunk on as any add does."""
+    _no_attrs(attrs)
+    return Create(content) if content else []
+
+
 def _positive(digits: str) -> int:
     if int(digits) < 1:
         raise ValueError("memory numbers start at 1")
@@ -261,7 +267,7 @@ def _positive(digits: str) -> int:
 _PAPER_BUILDERS = {
     "update_memory": _simple(SetScratchpad, None),
     "update_query": _simple(SetQuery, "query"),
-    "add_memory": _simple(Create, "text"),
+    "add_memory": _add_paper,
     "modify_memory": _modify_paper,
     "delete_memory": _delete_paper,
     "final_answer": _simple(Answer, "answer"),

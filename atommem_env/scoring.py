@@ -58,24 +58,29 @@ def strip_string(text: str) -> str:
 
 
 def last_boxed(text: str) -> str | None:
-    r"""The content of the last `\boxed{...}` (braces balanced), or of a `\boxed ` form up to a `$`; else None.
+    r"""The answer in the text's last `\boxed`, as the official scorer (`last_boxed_only_string`, `remove_boxed`)
+    reads it; None where it finds none.
 
-    As the official scorer: with any `\boxed ` (a space, no brace) in the text, that form wins.
+    With any `\boxed ` (a space) in the text, the text after the last one, up to a `$`. Otherwise the last
+    `\boxed` (or, with none, `\fbox`) and its balanced braces: the content of `\boxed{...}`; None where the
+    braces never close (`\boxed{Paris} \boxed` has none) or the form is not `\boxed{` (`\fbox{...}`, `\boxedx{}`).
     """
     if "\\boxed " in text:
         return text.split("\\boxed ")[-1].split("$")[0]
-    start = text.rfind("\\boxed{")
+    start = text.rfind("\\boxed")
     if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth = 0
+    for j in range(start, len(text)):
         if text[j] == "{":
             depth += 1
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i:j]
+                boxed = text[start:j + 1]
+                return boxed[len("\\boxed{"):-1] if boxed.startswith("\\boxed{") else None
     return None
 
 
@@ -86,3 +91,22 @@ def paper_match(answer: str, golds) -> float:
     if boxed is None:
         return 0.0
     return float(any(strip_string(boxed) == strip_string(g.lower()) for g in golds))
+
+
+_FINAL_ANSWER = re.compile(r"<final_answer[^>]*>(.*?)</final_answer>", re.DOTALL | re.IGNORECASE)
+
+
+def official_score(replies, questions_golds) -> float:
+    r"""The official multi-query score of an episode (`default_compute_score`, 'multiquery-hotpotqa'): every reply
+    that holds exactly one `<final_answer>` tag scores its content, else every reply holding `\boxed{` scores as a
+    whole, against the gold answers of all questions (`paper_match`); the sum, uncapped, over the number of
+    questions. A reading reply with a box earns credit; two answer tags in one reply score once, as the reply."""
+    pooled = [g for golds in questions_golds for g in golds]
+    total = 0.0
+    for reply in replies:
+        tags = _FINAL_ANSWER.findall(reply)
+        if len(tags) == 1:
+            total += paper_match(tags[0], pooled)
+        elif "\\boxed{" in reply:
+            total += paper_match(reply, pooled)
+    return total / len(questions_golds)

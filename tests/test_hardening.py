@@ -92,10 +92,12 @@ def test_one_long_message_keeps_the_other_feedback():
 
 
 # 6: a disabled query op does not block the answer.
-def test_disabled_update_query_does_not_block_the_answer():
-    env = tiny_env(protocol="paper", use_vector_store=False)
+@pytest.mark.parametrize("fixes, read_on", [(True, "notes, no tag: the chunk moves on"),
+                                           (False, "<add_memory>disabled, but the reply reads on</add_memory>")])
+def test_disabled_update_query_does_not_block_the_answer(fixes, read_on):
+    env = tiny_env(protocol="paper", use_vector_store=False, paper_fixes=fixes)
     env.reset(seed=0)
-    run_to_answer_phase(env, "notes, no tag: the chunk moves on")
+    run_to_answer_phase(env, read_on)
     obs, reward, terminated, *_ = env.step(r"<update_query>q</update_query><final_answer>\boxed{Paris}</final_answer>")
     assert terminated and reward == 1.0 and "'query' is disabled" in obs["feedback"]
 
@@ -179,7 +181,8 @@ _PAPER_OPS = st.one_of(
     st.builds(lambda i: f"<delete_memory>Memory {i}</delete_memory>", _ID),
     st.builds(lambda t: f"<update_memory>{t}</update_memory>", _TEXT),
     st.builds(lambda t: f"<final_answer>\\boxed{{{t}}}</final_answer>", _TEXT), _TEXT)
-_CONFIGS = [dict(protocol="atommem"), dict(protocol="paper"), dict(protocol="atommem", enabled_ops=("create", "read")),
+_CONFIGS = [dict(protocol="atommem"), dict(protocol="paper"), dict(protocol="paper", paper_fixes=True),
+            dict(protocol="atommem", enabled_ops=("create", "read")),
             dict(protocol="atommem", use_scratchpad=False, max_entries=3), dict(protocol="paper", use_vector_store=False),
             dict(protocol="atommem", index_precision="fp16", top_k=2)]
 
@@ -194,11 +197,18 @@ def test_fuzzed_episodes_keep_the_invariants(config, data):
         action = "".join(data.draw(st.lists(ops, max_size=4)))
         obs, reward, terminated, truncated, info = env.step(action)
         assert env.observation_space.contains(obs)
-        assert int(obs["memory_size"]) == info["op_counts"]["create"] - info["op_counts"]["delete"] == len(env.memory)
+        assert int(obs["memory_size"]) == len(env.memory)
+        if env.official:  # op counts are per tag, as the official metrics; entries are shown as written
+            current = {e.id: e.text for e in env.memory.entries()}
+            assert all(current[i] == t for i, t in zip(env.shown_ids, env.shown_texts))
+            assert obs["retrieved"] == ("\n".join(f"Memory {r}: {t}" for r, t in enumerate(env.shown_texts, 1))
+                                        or "No previous memory")
+        else:
+            assert int(obs["memory_size"]) == info["op_counts"]["create"] - info["op_counts"]["delete"]
         for entry_id, text in re.findall(r"^\[id (\d+)\] (.*(?:\n    .*)*)", obs["retrieved"], re.MULTILINE):
             assert text.replace("\n    ", "\n") == env.memory.get(int(entry_id))
         for text in re.findall(r"^Memory \d+: (.*(?:\n    .*)*)", obs["retrieved"], re.MULTILINE):
-            assert text.replace("\n    ", "\n") in {e.text for e in env.memory.entries()}
+            assert env.official or text.replace("\n    ", "\n") in {e.text for e in env.memory.entries()}
         assert np.isfinite(reward)
         if terminated or truncated:
             break
