@@ -37,6 +37,9 @@ class Args:
     context_tokens: tuple[int, ...] = ()
     """document lengths to evaluate at (tokens, regex count); none given, or 0: the env id's registered setting (ids
     that pad by document count, like HotpotQA-MultiQuery, take only that)"""
+    num_documents: tuple[int, ...] = ()
+    """document counts to evaluate at, for ids that pad by document count (RULER-HotpotQA: 50 100 ... 6400;
+    HotpotQA-MultiQuery: 200 400 800); each is a cell of its own beside the --context-tokens ones"""
     num_episodes: int = 16
     """episodes per (policy, context length): tasks 0..N-1 of the split, the same for every policy"""
     num_envs: int = 4
@@ -68,7 +71,11 @@ class Args:
     request_timeout: float = 60.0
     """seconds before an endpoint request counts as failed"""
     max_new_tokens: int = 96
-    """generation budget per step"""
+    """generation budget per step (the official AtomMem evaluation: 4096)"""
+    temperature: float = 0.0
+    """sampling temperature of the model (0: greedy; the official AtomMem evaluation: 0.6)"""
+    single_message: bool = False
+    """llm policy: one user message holding the system prompt and the step's prompt (the official AtomMem harness)"""
     max_prompt_tokens: int | None = None
     """prompts over this lose the end of their chunk (default: the budget a train_sft/train_grpo checkpoint was
     trained with, from its args.json; else 3072)"""
@@ -84,7 +91,7 @@ class Args:
     """extra keyword arguments for gym.make, as a JSON object: '{"top_k": 3, "max_entries": null}'"""
 
 
-def env_kwargs(args: Args, context_tokens: int) -> dict:
+def env_kwargs(args: Args, context_tokens: int | None, num_documents: int | None = None) -> dict:
     extra: dict = {}
     if args.top_k is not None:
         extra["top_k"] = args.top_k
@@ -97,7 +104,8 @@ def env_kwargs(args: Args, context_tokens: int) -> dict:
         extra["use_vector_store"] = False
     extra.update(parse_env_kwargs(args.env_kwargs))
     return make_env_kwargs(args.env_id, split=args.split, data_path=args.data_path, embedder=args.embedder,
-                           context_tokens=context_tokens, chunk_tokens=args.chunk_tokens, extra=extra)
+                           context_tokens=context_tokens, chunk_tokens=args.chunk_tokens, extra=extra,
+                           num_documents=num_documents)
 
 
 def prompt_budget(args: Args) -> int:
@@ -115,14 +123,15 @@ def prompt_budget(args: Args) -> int:
 
 def markdown(results: dict, args: Args) -> str:
     lines = [f"# {args.exp_name}: {args.env_id}, split {args.split}, {args.num_episodes} episodes per cell", "",
-             "| policy | context tokens | EM | F1 | C/R/U/D/S/A per episode | invalid ops | valid-op rate | tokens read "
+             "| policy | context | EM | F1 | sub-EM | C/R/U/D/S/A per episode | invalid ops | valid-op rate | tokens read "
              "| s per episode | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for policy, by_length in results.items():
         for length, r in by_length.items():
             ops = "/".join(f"{r['ops_per_episode'][k]:.1f}"
                            for k in ("create", "read", "update", "delete", "scratchpad", "answer"))
-            lines.append(f"| {policy} | {length} | {r['em']:.3f} ± {r['em_stderr']:.3f} | {r['f1']:.3f} | {ops} | "
+            lines.append(f"| {policy} | {length} | {r['em']:.3f} ± {r['em_stderr']:.3f} | {r['f1']:.3f} | "
+                         f"{r['sub_em']:.3f} | {ops} | "
                          f"{r['invalid_ops_per_episode']:.1f} | {r['valid_op_rate']:.3f} | {r['tokens_shown_per_episode']:.0f} | "
                          f"{r['seconds_per_episode']:.2f} | {r['failed_episodes']} |")
     lines += ["", explanation(args)]
@@ -131,8 +140,11 @@ def markdown(results: dict, args: Args) -> str:
 
 def explanation(args: Args) -> str:
     """The line under the table: what the numbers mean for the policies in it."""
-    rule = "the official boxed rule" if protocol_of(args.env_id) == "paper" else "SQuAD normalisation"
-    parts = [f"EM: share of episodes answered exactly ({rule}), ± standard error; F1: token overlap."]
+    rule = "the official boxed rule" if protocol_of(args.env_id, args.env_kwargs) == "paper" else "SQuAD normalisation"
+    parts = [f"EM: share of episodes answered exactly ({rule}), ± standard error; F1: token overlap; sub-EM: "
+             "a gold answer inside the answer or the reverse (MemAgent's sub_em)."]
+    if protocol_of(args.env_id, args.env_kwargs) == "paper":
+        parts.append("Paper protocol: EM is the official score over every reply (it may pass 1).")
     if "oracle" in args.policies:
         parts.append("oracle stores the gold facts: the ceiling.")
     if "oracle-broad" in args.policies:
@@ -157,12 +169,16 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    unit = "documents" if any(x.endswith("docs") for by_length in results.values() for x in by_length) else "tokens"
     for policy, by_length in results.items():
-        lengths = sorted((x for x in by_length if x.isdigit()), key=int)  # a registered document count has no axis
-        ax.errorbar([int(x) for x in lengths], [by_length[x]["em"] for x in lengths],
-                    yerr=[by_length[x]["em_stderr"] for x in lengths], marker="o", capsize=3, label=policy)
+        # The cells of the axis: token lengths, or document counts ("400docs"); "default" has no number.
+        points = {int(x.removesuffix("docs")): x for x in by_length if x.removesuffix("docs").isdigit()
+                  and x.endswith("docs") == (unit == "documents")}
+        ax.errorbar(sorted(points), [by_length[points[n]]["em"] for n in sorted(points)],
+                    yerr=[by_length[points[n]]["em_stderr"] for n in sorted(points)], marker="o", capsize=3,
+                    label=policy)
     ax.set_xscale("log")
-    ax.set_xlabel("context tokens")
+    ax.set_xlabel(f"context {unit}")
     ax.set_ylabel("exact match")
     ax.set_ylim(-0.05, 1.05)
     ax.legend()
@@ -183,20 +199,28 @@ if __name__ == "__main__":
         raise SystemExit(f"error: {args.env_id} needs --data-path (your copy of the dataset file)")
     if args.data_path and not os.path.isfile(args.data_path):
         raise SystemExit(f"error: --data-path {args.data_path} does not exist")
-    if args.num_episodes <= 0 or args.num_envs <= 0 or any(c < 0 for c in args.context_tokens):
-        raise SystemExit("error: --num-episodes and --num-envs must be positive, --context-tokens >= 0")
+    if args.num_episodes <= 0 or args.num_envs <= 0 or any(c < 0 for c in args.context_tokens) \
+            or any(d <= 0 for d in args.num_documents) or args.temperature < 0:
+        raise SystemExit("error: --num-episodes, --num-envs and --num-documents must be positive, --context-tokens "
+                         ">= 0, --temperature >= 0")
+    cells = [(t or None, None) for t in args.context_tokens] + [(None, d) for d in args.num_documents] or [(None, None)]
     try:  # fail before any model loads if the env arguments are wrong
-        for length in args.context_tokens or (0,):
-            gym.make(args.env_id, **env_kwargs(args, length)).close()
+        for length, documents in cells:
+            env = gym.make(args.env_id, **env_kwargs(args, length, documents))
+            tasks = env.unwrapped.task_source.num_tasks
+            env.close()
+            if tasks is not None and args.num_episodes > tasks:
+                raise ValueError(f"--num-episodes {args.num_episodes} is more than the {tasks} tasks of the "
+                                 f"{args.split} split here ({length_label(args.env_id, length, documents)})")
     except (ValueError, TypeError) as err:  # TypeError: an argument the env does not take
         raise SystemExit(f"error: {err}")
 
-    protocol = protocol_of(args.env_id)
+    protocol = protocol_of(args.env_id, args.env_kwargs)
     generator = None
     if any(p in READER_POLICIES or p == "llm" for p in args.policies):
         try:
             generator = make_generator(args.model, endpoint=args.endpoint, adapter=args.adapter, device=args.device,
-                                       dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                                       dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        max_prompt_tokens=prompt_budget(args), timeout=args.request_timeout,
                                        backend=args.backend, seed=args.seed)
         except ValueError as err:
@@ -207,16 +231,17 @@ if __name__ == "__main__":
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     results: dict = {}
-    lengths = args.context_tokens or (0,)
-    total = len(args.policies) * len(lengths) * args.num_episodes
+    total = len(args.policies) * len(cells) * args.num_episodes
     with tqdm(total=total, desc="episodes") as progress:
         for name in args.policies:
-            for length in lengths:
-                progress.set_description(f"{name} @ {length_label(args.env_id, length or None)}")
-                policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed)
-                results.setdefault(name, {})[length_label(args.env_id, length or None)] = evaluate_policy(
-                    policy, args.env_id, env_kwargs(args, length), args.num_episodes, args.num_envs, args.seed,
-                    progress=progress.update)
+            for length, documents in cells:
+                label = length_label(args.env_id, length, documents)
+                progress.set_description(f"{name} @ {label}")
+                policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed,
+                                     single_message=args.single_message)
+                results.setdefault(name, {})[label] = evaluate_policy(
+                    policy, args.env_id, env_kwargs(args, length, documents), args.num_episodes, args.num_envs,
+                    args.seed, progress=progress.update)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -350,7 +350,7 @@ if __name__ == "__main__":
                                 temperature=args.temperature, max_prompt_tokens=args.max_prompt_tokens)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
-    policy = LLMPolicy(sampler, protocol_of(args.env_id))
+    policy = LLMPolicy(sampler, protocol_of(args.env_id, args.env_kwargs))
     task_rng = np.random.default_rng(args.seed)
 
     def draw_tasks() -> np.ndarray:

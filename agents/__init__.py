@@ -34,8 +34,10 @@ def make_generator(model: str, *, endpoint: str | None = None, adapter: str | No
     return local_sampler(*load_causal_lm(model, adapter=adapter, device=device, dtype=dtype), **settings)
 
 
-def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: int = 0) -> Policy:
-    """A policy by name; reader workflows and `llm` take a generator (see make_generator)."""
+def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: int = 0,
+                single_message: bool = False) -> Policy:
+    """A policy by name; reader workflows and `llm` take a generator (see make_generator); `single_message`: the
+    `llm` policy sends its system prompt inside the user message."""
     if name == "noop":
         return NoOpPolicy()
     if name == "random":
@@ -57,5 +59,5 @@ def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: i
     if name == "llm":
         if generator is None:
             raise ValueError("the llm policy needs a generator (a model)")
-        return LLMPolicy(generator, protocol)
+        return LLMPolicy(generator, protocol, single_message)
     raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")

@@ -35,17 +35,20 @@ def parse_env_kwargs(text: str) -> dict:
 
 def make_env_kwargs(env_id: str, *, split: str, data_path: str | None = None, embedder: str | None = None,
                     context_tokens: int | None = None, chunk_tokens: int | None = None,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, num_documents: int | None = None) -> dict:
     """gym.make arguments: the id's registered settings, overridden only by what is given here.
 
     `context_tokens` None or 0 keeps the id's document length. An id that pads by document count
-    (`num_documents`) takes no token length unless it is single-question (the length then replaces
-    the count); `extra` (eval.py's ablations, --env-kwargs) goes in last.
+    (`num_documents`) takes no token length unless it is single-question with the atommem composition
+    (the length then replaces the count); `num_documents` replaces the id's count; `extra` (eval.py's
+    ablations, --env-kwargs) goes in last.
     """
     if env_id not in atommem_env.ENV_IDS:
         raise ValueError(f"unknown env id {env_id!r}; registered: {sorted(atommem_env.ENV_IDS)}")
     registered = atommem_env.ENV_IDS[env_id]
-    if context_tokens and registered.get("multi_query"):
+    if context_tokens and num_documents:
+        raise ValueError("give a token length or a document count, not both")
+    if context_tokens and (registered.get("multi_query") or registered.get("composition")):
         raise ValueError(f"{env_id} pads by document count (num_documents={registered.get('num_documents')}), not by "
                          "tokens: give the context length 0 for its registered setting, and num_documents through "
                          "the env kwargs to change it")
@@ -59,17 +62,21 @@ def make_env_kwargs(env_id: str, *, split: str, data_path: str | None = None, em
         kwargs["context_tokens"] = context_tokens
         if registered.get("num_documents") is not None:
             kwargs["num_documents"] = None
+    if num_documents:
+        kwargs["num_documents"] = num_documents
     if chunk_tokens is not None:
         kwargs["chunk_tokens"] = chunk_tokens
     kwargs.update(extra or {})
     return kwargs
 
 
-def length_label(env_id: str, context_tokens: int | None) -> str:
-    """How a document length is named in reports and metric keys: the tokens, or the id's own setting."""
+def length_label(env_id: str, context_tokens: int | None, num_documents: int | None = None) -> str:
+    """How a document length is named in reports and metric keys: the tokens, the documents, or the id's own."""
     registered = atommem_env.ENV_IDS[env_id]
     if context_tokens is not None:
         return str(context_tokens)
+    if num_documents:
+        return f"{num_documents}docs"
     if registered.get("context_tokens") is not None:
         return str(registered["context_tokens"])
     if registered.get("num_documents") is not None:
@@ -140,7 +147,8 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
             record = {
                 "slot": int(i), "task_index": schedules[i][len(schedules[i]) - remaining[i] - 1],
                 "task_id": info["task_id"][i], "em": 0.0 if failed[i] else float(info["em"][i]),
-                "f1": 0.0 if failed[i] else float(info["f1"][i]), "failed": failed[i],
+                "f1": 0.0 if failed[i] else float(info["f1"][i]),
+                "sub_em": 0.0 if failed[i] else float(info["sub_em"][i]), "failed": failed[i],
                 "answer": info["answers"][i], "gold": info["gold_answers"][i],
                 "raw_answers": [out.raw_answer for _, out in steps[i] if out.raw_answer is not None],
                 "ops": {k: int(info["op_counts"][k][i]) for k in OP_KEYS + ("answer",)},
@@ -179,7 +187,7 @@ def summarize(episodes: list[dict]) -> dict:
     return {
         "episodes": len(episodes),
         "em": mean("em"), "em_stderr": float(np.std([e["em"] for e in episodes]) / np.sqrt(len(episodes))),
-        "f1": mean("f1"),
+        "f1": mean("f1"), "sub_em": mean("sub_em"),
         "ops_per_episode": {k: float(np.mean([e["ops"][k] for e in episodes])) for k in OP_KEYS + ("answer",)},
         "invalid_ops_per_episode": mean("invalid_ops"),
         # Valid ops over all attempted; 1.0 when nothing was attempted (read it with the op counts).
@@ -194,5 +202,6 @@ def summarize(episodes: list[dict]) -> dict:
     }
 
 
-def protocol_of(env_id: str) -> str:
-    return atommem_env.ENV_IDS[env_id].get("protocol", "atommem")
+def protocol_of(env_id: str, env_kwargs: str = "{}") -> str:
+    """The protocol an id's envs speak: --env-kwargs' `protocol` where it gives one, else the id's registered one."""
+    return parse_env_kwargs(env_kwargs).get("protocol") or atommem_env.ENV_IDS[env_id].get("protocol", "atommem")

@@ -300,11 +300,12 @@ class LLMPolicy(Policy):
 
     name = "llm"
 
-    def __init__(self, generator, protocol: str = "atommem"):
+    def __init__(self, generator, protocol: str = "atommem", single_message: bool = False):
         self.generator = generator
         self.protocol = protocol
+        self.single_message = single_message
 
     def act(self, observations, tasks=None, slots=None):
-        conversations = [build_messages(o, self.protocol) for o in observations]
+        conversations = [build_messages(o, self.protocol, self.single_message) for o in observations]
         return [PolicyOutput(g.text, error=g.error, generation=g, messages=m)
                 for g, m in zip(self.generator.generate(conversations), conversations)]

@@ -94,22 +94,24 @@ def paper_user_message(obs: dict) -> str:
              f"Short-term memory from the previous step:\n{obs['scratchpad'] or '(empty)'}",
              f"Current query for retrieving memories:\n{obs.get('query', '')}",
              f"Memories that match the query:\n{obs['retrieved'] or 'No previous memory'}"]
-    if obs["feedback"]:
-        parts.append(f"Feedback: {obs['feedback']}")
+    # As the official template: no feedback section (error lines stay in obs["feedback"]), no chunk numbers.
     parts.append(f"Query updates used for this question: {used} (3 in a row are allowed; one more skips the question "
                  "unanswered).")
     if not reading:
         parts.append(PAPER_ANSWER_INSTRUCTIONS)
         return "\n\n".join(parts)
     parts.append(PAPER_READING_TIPS)
-    parts.append(f"Chunk {chunk_index + 1} of {num_chunks}:\n{obs['chunk']}")  # last: the part a cut shortens
+    parts.append(f"The article:\n{obs['chunk']}")  # last: the part a cut shortens
     return "\n\n".join(parts)
 
 
-def build_messages(obs: dict, protocol: str = "atommem") -> list[dict]:
+def build_messages(obs: dict, protocol: str = "atommem", single_message: bool = False) -> list[dict]:
+    """[system, user]; with `single_message`, one user message holding both (the official harness sends that)."""
     if protocol not in SYSTEM_PROMPTS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {sorted(SYSTEM_PROMPTS)}")
     user = paper_user_message(obs) if protocol == "paper" else user_message(obs)
+    if single_message:
+        return [{"role": "user", "content": f"{SYSTEM_PROMPTS[protocol]}\n\n{user}"}]
     return [{"role": "system", "content": SYSTEM_PROMPTS[protocol]}, {"role": "user", "content": user}]
 
 
@@ -119,7 +121,7 @@ def reader_messages(instruction: str, question: str, context: str) -> list[dict]
             {"role": "user", "content": f"Question: {question}\n\nContext:\n{context or '(empty)'}"}]
 
 
-CUTTABLE_SECTION = re.compile(r"\n\n(?:Chunk \d+ of \d+:|Context:)\n")
+CUTTABLE_SECTION = re.compile(r"\n\n(?:Chunk \d+ of \d+:|The article:|Context:)\n")
 """The header of the section `encode_prompt` may shorten: the last one of the last message."""
 CUT_MARK = " [... cut]"
 

@@ -433,7 +433,7 @@ def evaluate_and_log(model, tokenizer, args, step: int, writer, accelerator, eng
         engine.load_weights(model)
     generator = local_sampler(model, tokenizer, engine, max_new_tokens=args.eval_max_new_tokens,
                               max_prompt_tokens=args.max_prompt_tokens)
-    policy = LLMPolicy(generator, protocol_of(args.env_id))
+    policy = LLMPolicy(generator, protocol_of(args.env_id, args.env_kwargs))
     was_training = model.training
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes

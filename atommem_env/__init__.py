@@ -35,11 +35,15 @@ ENV_IDS = {
     # Real datasets: pass data_path=.
     "AtomMem/HotpotQA-v0": dict(dataset="hotpotqa"),
     "AtomMem/HotpotQA-MultiQuery-v0": dict(dataset="hotpotqa", multi_query=True, num_documents=200,
-                                           chunk_tokens=4000, chunk_overlap=100, protocol="paper"),
+                                           composition="official", chunk_tokens=4000, chunk_overlap=100,
+                                           protocol="paper"),
+    # MemAgent's RULER-HotpotQA: one question, its own paragraphs, padded to 50-6400 documents (RULER_GRID).
+    "AtomMem/RULER-HotpotQA-v0": dict(dataset="hotpotqa", composition="ruler", num_documents=50),
     "AtomMem/2WikiMultihopQA-v0": dict(dataset="2wiki"),
     "AtomMem/MuSiQue-v0": dict(dataset="musique"),
 }
 DATA_ENV_IDS = {"AtomMem/HotpotQA-v0": "hotpotqa", "AtomMem/HotpotQA-MultiQuery-v0": "hotpotqa",
+                "AtomMem/RULER-HotpotQA-v0": "hotpotqa",
                 "AtomMem/2WikiMultihopQA-v0": "2wiki", "AtomMem/MuSiQue-v0": "musique"}
 """Ids that need data_path=, with the dataset whose file they read."""
 

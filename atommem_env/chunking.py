@@ -4,6 +4,12 @@ Each paragraph is rendered as ``Document i: <title>`` followed by its text. Chun
 paragraphs; a paragraph longer than a chunk is cut at token boundaries. With `overlap > 0`
 (the paper's 100 tokens) each chunk also shows that many tokens before and after its span.
 
+`official=True` chunks as the official AtomMem loop (`chunk_context`): the document is one text,
+``Document i:\n<title>\n<text>`` per paragraph, cut into hard windows of `chunk_tokens` tokens
+whatever the paragraph boundaries, each shown with `overlap` tokens before and after. The official
+code counts with the policy's tokenizer (give the env `token_counter="hf:<tokenizer>"`); tokens
+are counted per paragraph here, so a BPE merge across two paragraphs' boundary is not seen.
+
 Only per-paragraph token counts are computed up front (cached by a 16-byte digest of the paragraph
 text, so the distractor paragraphs shared by many composed documents are counted once, and the cache
 holds at most _COUNT_CACHE_LIMIT small entries, ~25 MB, however long the paragraphs); chunk text is
@@ -23,14 +29,18 @@ from .tokens import TokenCounter
 _COUNT_CACHE_LIMIT = 200_000
 
 
-def render_paragraph(index: int, paragraph: Paragraph) -> str:
+def render_paragraph(index: int, paragraph: Paragraph, official: bool = False) -> str:
     """`index` is 0-based; documents are numbered from 1 in the text."""
-    return f"Document {index + 1}: {paragraph.title}\n{paragraph.text}"
+    return f"{_header(index, paragraph, official)}{paragraph.text}"
+
+
+def _header(index: int, paragraph: Paragraph, official: bool) -> str:
+    return f"Document {index + 1}:\n{paragraph.title}\n" if official else f"Document {index + 1}: {paragraph.title}\n"
 
 
 class Chunker:
     def __init__(self, paragraphs, counter: TokenCounter, chunk_tokens: int, overlap: int = 0,
-                 count_cache: dict | None = None):
+                 count_cache: dict | None = None, official: bool = False):
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
         if overlap < 0:
@@ -39,6 +49,7 @@ class Chunker:
         self.counter = counter
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
+        self.official = official
         cache = count_cache if count_cache is not None else {}
         counts = np.empty(len(paragraphs), dtype=np.int64)
         for i, p in enumerate(paragraphs):
@@ -48,11 +59,15 @@ class Chunker:
                 n = counter.count(p.text)
                 if len(cache) < _COUNT_CACHE_LIMIT:
                     cache[key] = n
-            counts[i] = n + counter.count(f"Document {i + 1}: {p.title}\n")
+            counts[i] = n + counter.count(_header(i, p, official))
         self.counts = counts
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.total_tokens = int(self.offsets[-1])
-        self.bounds = self._pack()
+        if official:  # hard windows, as the official chunk_context
+            self.bounds = [(start, min(start + chunk_tokens, self.total_tokens))
+                           for start in range(0, max(self.total_tokens, 1), chunk_tokens)]
+        else:
+            self.bounds = self._pack()
 
     def _pack(self) -> list[tuple[int, int]]:
         """[start, end) global token positions of each chunk."""
@@ -94,7 +109,7 @@ class Chunker:
             p_start, p_end = int(self.offsets[i]), int(self.offsets[i + 1])
             if p_start >= end:
                 break
-            text = render_paragraph(i, self.paragraphs[i])
+            text = render_paragraph(i, self.paragraphs[i], self.official)
             if start <= p_start and p_end <= end:
                 pieces.append(text)
                 continue

@@ -16,7 +16,7 @@ from .memory import MemoryOpError, Scratchpad, VectorMemory
 from .protocols import (OP_NAMES, PROTOCOLS, Answer, Create, Delete, Read, SetQuery, SetScratchpad, Update,
                         parse_action)
 from .spaces import UnicodeText
-from .scoring import exact_match, f1_score, last_boxed, official_score, paper_match
+from .scoring import exact_match, f1_score, last_boxed, official_score, paper_match, sub_exact_match
 from .tasks import Task, TaskSource
 from .tokens import make_token_counter
 
@@ -142,7 +142,8 @@ class AtomMemEnv(gym.Env):
 
     ## Arguments
     - `dataset`: "synthetic" (default; no data files), "hotpotqa", "2wiki", "musique", or a TaskSource.
-    - `data_path`, `split`, `context_tokens`, `num_documents`, `multi_query`, `synthetic`,
+    - `data_path`, `split`, `context_tokens`, `num_documents`, `multi_query`, `composition` ("atommem",
+      "official": the official multi-query data, "ruler": MemAgent's RULER-HotpotQA), `synthetic`,
       `max_tasks`, `skip_malformed`: passed to `atommem_env.data.make_task_source`.
     - `chunk_tokens` (1024), `chunk_overlap` (0): chunk size and overlap, counted by `token_counter`
       ("regex" default, or "hf:<tokenizer>").
@@ -167,8 +168,9 @@ class AtomMemEnv(gym.Env):
     (`skip_malformed`) and `unanswerable_left_out` (MuSiQue full files). Every step: `task_id`, `chunk_index`, `num_chunks`, `memory_size`, `invalid_ops` (this step),
     `total_invalid_ops`, `op_counts` (dict: create/read/update/delete/scratchpad/query/answer,
     valid ops so far), `tokens_shown` (chunk, question, scratchpad and retrieved tokens shown so
-    far). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `answers`
-    and `gold_answers`; with the paper protocol also `official_score` (the official scorer over every
+    far). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `sub_em`
+    (MemAgent's: a gold answer inside the answer or the answer inside it, normalised; the boxed content
+    in the paper protocol), `answers` and `gold_answers`; with the paper protocol also `official_score` (the official scorer over every
     reply) and `question_em` (each question's answer against its own gold answers).
 
     ## Example
@@ -199,6 +201,7 @@ class AtomMemEnv(gym.Env):
         context_tokens: int | None = None,
         num_documents: int | None = None,
         multi_query: bool = False,
+        composition: str = "atommem",
         synthetic: dict | None = None,
         max_tasks: int | None = None,
         skip_malformed: bool = False,
@@ -257,7 +260,8 @@ class AtomMemEnv(gym.Env):
 
         self.task_source = dataset if not isinstance(dataset, str) else make_task_source(
             dataset, data_path=data_path, split=split, context_tokens=context_tokens, num_documents=num_documents,
-            multi_query=multi_query, synthetic=synthetic, max_tasks=max_tasks, skip_malformed=skip_malformed)
+            multi_query=multi_query, synthetic=synthetic, max_tasks=max_tasks, skip_malformed=skip_malformed,
+            composition=composition)
         self.chunk_tokens = int(chunk_tokens)
         self.chunk_overlap = int(chunk_overlap)
         self.token_counter = make_token_counter(token_counter)
@@ -312,7 +316,7 @@ class AtomMemEnv(gym.Env):
         else:
             self.task = self.task_source.sample(self.np_random)
         self.chunker = Chunker(self.task.paragraphs, self.token_counter, self.chunk_tokens, self.chunk_overlap,
-                               count_cache=self._count_cache)
+                               count_cache=self._count_cache, official=self.official)
         self.memory.clear()
         self.scratchpad.clear()
         self.chunk_index = 0
@@ -737,20 +741,25 @@ class AtomMemEnv(gym.Env):
         questions = self.task.questions
         pooled = tuple(g for q in questions for g in q.answers)
         answers = [self.answers.get(i) for i in range(len(questions))]
+        # The official data keep one gold answer per question (MuSiQue: `[answer]`, no `answer_aliases`).
+        golds = [q.answers[:1] if self.official else q.answers for q in questions]
         if self.protocol == "atommem":
             ems = [0.0 if a is None else exact_match(a, q.answers) for a, q in zip(answers, questions)]
             f1s = [0.0 if a is None else f1_score(a, q.answers) for a, q in zip(answers, questions)]
-            return {"em": float(np.mean(ems)), "f1": float(np.mean(f1s))}
-        own = [0.0 if a is None else paper_match(a, q.answers) for a, q in zip(answers, questions)]
-        f1s = [0.0 if a is None else f1_score(last_boxed(a) or "", q.answers) for a, q in zip(answers, questions)]
-        official = official_score(self.replies, [q.answers for q in questions])
+            subs = [0.0 if a is None else sub_exact_match(a, q.answers) for a, q in zip(answers, questions)]
+            return {"em": float(np.mean(ems)), "f1": float(np.mean(f1s)), "sub_em": float(np.mean(subs))}
+        own = [0.0 if a is None else paper_match(a, g) for a, g in zip(answers, golds)]
+        f1s = [0.0 if a is None else f1_score(last_boxed(a) or "", g) for a, g in zip(answers, golds)]
+        subs = [0.0 if a is None else sub_exact_match(last_boxed(a) or "", g) for a, g in zip(answers, golds)]
+        official = official_score(self.replies, golds)
         if self.answer_matching == "per_question":
             em = float(np.mean(own))
         elif self.official:
             em = official
         else:
             em = float(np.mean([0.0 if a is None else paper_match(a, pooled) for a in answers]))
-        return {"em": em, "f1": float(np.mean(f1s)), "question_em": tuple(own), "official_score": official}
+        return {"em": em, "f1": float(np.mean(f1s)), "sub_em": float(np.mean(subs)), "question_em": tuple(own),
+                "official_score": official}
 
     def render(self):
         if self.render_mode != "ansi" or self._obs is None:

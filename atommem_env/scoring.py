@@ -23,6 +23,13 @@ def exact_match(prediction: str, golds) -> float:
     return float(any(pred == normalize_answer(g) for g in golds))
 
 
+def sub_exact_match(prediction: str, golds) -> float:
+    """MemAgent's sub_em (RULER-HotpotQA): the normalised gold answer is inside the normalised prediction, or the
+    prediction inside it; an empty prediction scores 0 (MemAgent scores only replies with an answer)."""
+    pred = normalize_answer(prediction)
+    return float(bool(pred) and any(normalize_answer(g) in pred or pred in normalize_answer(g) for g in golds))
+
+
 def _f1(prediction: str, gold: str) -> float:
     pred_tokens = normalize_answer(prediction).split()
     gold_tokens = normalize_answer(gold).split()

@@ -2,7 +2,7 @@
 competing process (issue 23, item 9).
 
     python bench/bench_contention.py                              # SmolLM2-135M, bf16, 4 cells x 45 s
-    python bench/bench_contention.py --model tiny --seconds 5 --omp-wait-policy PASSIVE
+    python bench/bench_contention.py --model tiny --seconds 5 --omp-wait-policy PASSIVE --threads 1
 
 Each cell runs in a fresh process: it loads the model, starts a vLLM engine in-process when the cell's
 backend is vllm (as `train_sft.py --backend vllm` does for its evaluations), then trains all weights with
@@ -45,12 +45,16 @@ class Args:
     """bf16 autocast (the SmolLM2 runs' setting)"""
     omp_wait_policy: str = ""
     """OMP_WAIT_POLICY for the training process (PASSIVE, ACTIVE; empty: the library's default)"""
+    threads: int = 0
+    """torch threads of the training process (0: torch's default, one per core)"""
 
 
 def train_cell(args: Args, backend: str) -> dict:
     """In the child process: one cell's training, returns its numbers."""
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
     import train_sft
     from agents.training import CompletionScorer, pack, setup_model
@@ -109,10 +113,11 @@ if __name__ == "__main__":
         raise SystemExit(0)
     args = tyro.cli(Args)
     wrong = [b for b in args.backends if b not in ("hf", "vllm")]
-    if wrong or args.omp_wait_policy not in ("", "PASSIVE", "ACTIVE"):
-        raise SystemExit("error: --backends takes hf and vllm, --omp-wait-policy PASSIVE, ACTIVE or nothing")
+    if wrong or args.omp_wait_policy not in ("", "PASSIVE", "ACTIVE") or args.threads < 0 or args.seconds <= 0:
+        raise SystemExit("error: --backends takes hf and vllm, --omp-wait-policy PASSIVE, ACTIVE or nothing, "
+                         "--threads >= 0, --seconds > 0")
     print(f"{args.model}: {args.batch_size} x {args.tokens} tokens a step, bf16 {args.bf16}, {args.seconds:.0f} s a cell, "
-          f"OMP_WAIT_POLICY={args.omp_wait_policy or 'default'}", flush=True)
+          f"OMP_WAIT_POLICY={args.omp_wait_policy or 'default'}, threads {args.threads or 'default'}", flush=True)
     results = {}
     for backend in args.backends:
         for loaded in (False, True):

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import REPO
@@ -132,3 +133,21 @@ def test_bench_train_reports_speed_and_held_out_loss_per_configuration():
     for config in ("fp32-full", "bf16-full"):
         assert re.match(rf"{config}: \d+ tokens/s \(median of \d+ steps\), held-out loss [\d.]+ -> [\d.]+$", lines[config])
     assert re.match(r"full: bf16 / fp32 throughput [\d.]+x$", lines["full"])
+
+
+def test_bench_contention_reports_each_backend_alone_and_under_load():
+    result = subprocess.run([sys.executable, "bench/bench_contention.py", "--model", "tiny", "--seconds", "1",
+                             "--backends", "hf", "--tokens", "64", "--omp-wait-policy", "PASSIVE", "--threads", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OMP_WAIT_POLICY=PASSIVE, threads 1" in result.stdout
+    assert re.search(r"^hf     alone: \d+ tokens/s \(median of \d+ steps\), 1 torch threads", result.stdout, re.M)
+    assert re.search(r"^hf with load: \d+ tokens/s", result.stdout, re.M)
+    assert re.search(r"^hf: [\d.]+x slower with the competing process$", result.stdout, re.M)
+
+
+@pytest.mark.parametrize("flags", [["--backends", "jax"], ["--omp-wait-policy", "lazy"], ["--seconds", "0"]])
+def test_bench_contention_rejects_bad_flags_before_any_work(flags):
+    result = subprocess.run([sys.executable, "bench/bench_contention.py", *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "error: --backends takes hf and vllm" in result.stderr

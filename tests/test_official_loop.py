@@ -175,6 +175,15 @@ def test_every_reply_is_scored_and_summed_over_the_questions():
     assert reward == 0.0 and info["official_score"] == 1.0
 
 
+# Row 12: the official data keep one gold answer per question (MuSiQue: `[answer]`, without `answer_aliases`).
+@pytest.mark.parametrize("fixes, reward", [(False, 0.0), (True, 1.0)])
+def test_only_the_first_gold_answer_counts(fixes, reward):
+    aliased = Question("Which city?", ("Paris", "City of Light"), (), "q")
+    env = official_env(aliased, paper_fixes=fixes)
+    _, r, terminated, _, info = env.step("<final_answer>\\boxed{City of Light}</final_answer>")
+    assert terminated and r == reward and info["gold_answers"] == (("Paris", "City of Light"),)
+
+
 # Row 13: 41 replies whatever the length (MMQ 391, max_chunks 40).
 def test_the_episode_ends_after_41_replies():
     env = official_env()
@@ -206,3 +215,131 @@ def test_retrieval_prefix_and_cut(monkeypatch):
 def test_paper_fixes_needs_the_paper_protocol():
     with pytest.raises(ValueError, match="paper_fixes"):
         AtomMemEnv(embedder="hashing", paper_fixes=True)
+
+
+# Row 15: hard windows of chunk_tokens with the overlap, `Document i:\n{title}\n{text}` (MMQ `chunk_context`).
+def test_official_chunking_cuts_hard_windows():
+    long = tuple(Paragraph(f"Page {i}", "word " * 2090) for i in range(3))  # ~2,094 tokens with its header
+    task = Task("long", long, (TOWER,))
+    official = AtomMemEnv(dataset=ListTaskSource([task]), protocol="paper", embedder="hashing", chunk_tokens=4000,
+                          chunk_overlap=100)
+    obs, _ = official.reset(seed=0)
+    assert int(obs["num_chunks"]) == 2 and obs["chunk"].startswith("Document 1:\nPage 0\nword")
+    assert official.chunker.chunk_token_count(0) == 4100 and "Document 2:\nPage 1\n" in obs["chunk"]
+    fixes = AtomMemEnv(dataset=ListTaskSource([task]), protocol="paper", paper_fixes=True, embedder="hashing",
+                       chunk_tokens=4000, chunk_overlap=100)
+    assert int(fixes.reset(seed=0)[0]["num_chunks"]) == 3  # whole paragraphs packed
+
+
+# Row 16: the official multi-query data: disjoint groups, all context paragraphs of each question.
+def test_official_multi_query_composition(hotpot_path):
+    import gymnasium as gym
+
+    env = gym.make("AtomMem/HotpotQA-MultiQuery-v0", data_path=str(hotpot_path), embedder="hashing")
+    source = env.unwrapped.task_source
+    asked = [q.question for i in range(source.num_tasks) for q in source.get(i).questions]
+    assert sorted(asked) == sorted(item.question.question for item in source.items)  # each question once
+    for i in range(source.num_tasks):
+        task = source.get(i)
+        titles = {p.title for p in task.paragraphs}
+        group = source.items[source.groups[i][0]:source.groups[i][1]]
+        assert all(p.title in titles for item in group for p in item.paragraphs)  # gold and distractors
+        assert len(task.paragraphs) == 200
+    env.close()
+
+
+# Issue 21, item 3: MemAgent's RULER-HotpotQA.
+def test_ruler_hotpotqa_composition_and_errors(hotpot_path):
+    import random
+
+    import gymnasium as gym
+
+    env = gym.make("AtomMem/RULER-HotpotQA-v0", data_path=str(hotpot_path), embedder="hashing", num_documents=100)
+    task = env.unwrapped.task_source.get(3)
+    item = env.unwrapped.task_source.items[3]
+    order = list(range(100))
+    random.Random(4).shuffle(order)  # own paragraphs first, then padding, shuffled as MemAgent does
+    assert len(task.paragraphs) == 100 and len(task.questions) == 1
+    assert [task.paragraphs[j].title for j, k in enumerate(order) if k < 10] == \
+        [item.paragraphs[k].title for k in order if k < 10]
+    env.close()
+    with pytest.raises(ValueError, match="num_documents in"):
+        gym.make("AtomMem/RULER-HotpotQA-v0", data_path=str(hotpot_path), num_documents=300)
+    with pytest.raises(ValueError, match="num_documents=6400 is more than the 9[0-9][0-9] distinct paragraphs"):
+        gym.make("AtomMem/RULER-HotpotQA-v0", data_path=str(hotpot_path), num_documents=6400)
+    with pytest.raises(ValueError, match="composition must be one of"):
+        gym.make("AtomMem/HotpotQA-v0", data_path=str(hotpot_path), composition="memagent")
+
+
+@pytest.mark.parametrize("protocol", ["atommem", "paper"])
+def test_eval_reports_sub_em_on_the_ruler_grid(protocol, hotpot_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "eval.py", "--env-id", "AtomMem/RULER-HotpotQA-v0", "--data-path",
+                             str(hotpot_path), "--policies", "oracle", "--num-documents", "50", "100",
+                             "--num-episodes", "2", "--num-envs", "2", "--embedder", "hashing",
+                             "--env-kwargs", json.dumps({"protocol": protocol}), "--output-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())["results"]["oracle"]
+    assert set(report) == {"50docs", "100docs"}
+    assert all(cell["em"] == cell["sub_em"] == 1.0 for cell in report.values())
+    assert "| sub-EM |" in (tmp_path / "eval.md").read_text()
+
+
+# Issue 21, item 2: the grid lines of docs/eval.md run with the oracle at EM 1 (2Wiki and MuSiQue on their
+# test fixtures, whose pools hold only 9 and 6 paragraphs).
+@pytest.mark.parametrize("env_id, data, counts, extra", [
+    ("AtomMem/HotpotQA-MultiQuery-v0", None, ["200", "400", "800"], {}),
+    ("AtomMem/2WikiMultihopQA-v0", "2wiki_dev_sample.json", ["9"], {"protocol": "paper", "multi_query": True}),
+    ("AtomMem/MuSiQue-v0", "musique_ans_dev_sample.jsonl", ["6"], {"protocol": "paper", "multi_query": True}),
+])
+def test_the_paper_grid_runs_with_the_oracle(env_id, data, counts, extra, hotpot_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import FIXTURES, REPO
+
+    kwargs = {**extra, "composition": "official", "chunk_tokens": 4000, "chunk_overlap": 100, "split": "all",
+              "max_tasks": 600} if extra else {"max_tasks": 600, "split": "all"}
+    result = subprocess.run([sys.executable, "eval.py", "--env-id", env_id, "--data-path",
+                             str(FIXTURES / data if data else hotpot_path), "--policies", "oracle",
+                             "--num-documents", *counts, "--num-episodes", "1" if data else "2", "--num-envs", "2",
+                             "--embedder", "hashing", "--env-kwargs", json.dumps(kwargs), "--output-dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "eval.json").read_text())["results"]["oracle"]
+    assert sorted(report) == sorted(f"{n}docs" for n in counts)
+    assert all(cell["em"] == 1.0 and cell["failed_episodes"] == 0 for cell in report.values())
+    if data:  # the fixtures' three or two questions make one task: more episodes are refused before any work
+        more = subprocess.run([sys.executable, "eval.py", "--env-id", env_id, "--data-path", str(FIXTURES / data),
+                               "--policies", "oracle", "--num-documents", *counts, "--num-episodes", "5",
+                               "--embedder", "hashing", "--env-kwargs", json.dumps(kwargs)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert more.returncode != 0 and "--num-episodes 5 is more than the" in more.stderr
+
+
+# Rows 14 and 18, the prompt's side: no feedback section, no chunk numbers, query updates used; one user message
+# on request (--single-message), and the article stays the part a prompt budget shortens.
+def test_the_paper_prompt_and_the_single_message_harness():
+    from agents.models import load_causal_lm
+    from agents.prompt import CUT_MARK, build_messages, encode_prompt
+
+    env = official_env()
+    obs, *_ = env.step("I forgot the tags.")  # an error line in obs["feedback"]
+    obs, *_ = env.step("<update_query>tower</update_query>")
+    system, user = build_messages(obs, "paper")
+    assert "Feedback" not in user["content"] and "Chunk 1 of" not in user["content"]
+    assert "Query updates used for this question: 1" in user["content"]
+    assert user["content"].endswith("The article:\n" + obs["chunk"])
+    (single,) = build_messages(obs, "paper", single_message=True)
+    assert single == {"role": "user", "content": system["content"] + "\n\n" + user["content"]}
+    _, tokenizer = load_causal_lm("tiny", device="cpu")
+    whole, _ = encode_prompt(tokenizer, [single], None)
+    ids, cut = encode_prompt(tokenizer, [single], len(whole) - 20)
+    assert cut > 0 and len(ids) <= len(whole) - 20 and CUT_MARK in tokenizer.decode(ids)

@@ -48,10 +48,12 @@ def _commands(text: str, variables: dict) -> list[str]:
     for m in COMMAND.finditer(text):
         rest = text[m.end():]
         rest = re.sub(r"<[^<>\n]*>", "x", rest.split("\n")[0])  # placeholders such as <sft run>
-        words = shlex.split(re.split(r"\s(?:&&|\||;|2>&1|>)\s|;\s*done|`", rest + " ")[0], comments=True)
+        rest = re.split(r"\s(?:&&|\||;|2>&1|>)\s|;\s*done|`", rest + " ")[0]
+        # "$VAR" stays one word; a bare $VAR splits into words, as in the shell.
+        rest = re.sub(r'"\$\{?([A-Za-z_]\w*)\}?"', lambda v: shlex.quote(variables.get(v.group(1), "1")), rest)
+        rest = re.sub(r"\$\{?([A-Za-z_]\w*)\}?", lambda v: variables.get(v.group(1), "1"), rest)
         expanded = []
-        for word in words:
-            word = re.sub(r"\$\{?([A-Za-z_]\w*)\}?", lambda v: variables.get(v.group(1), "1"), word)
+        for word in shlex.split(rest, comments=True):
             word = re.sub(r"\{([^{},]*),[^{}]*\}", r"\1", word) if not word.startswith("{\"") else word  # {1,2,3}
             if word != "...":
                 expanded.append(word)
