@@ -479,12 +479,7 @@ class AtomMemEnv(gym.Env):
             self.op_counts[name] += 1
             if name in ("create", "update", "delete", "scratchpad"):
                 self.query_updates = 0
-        retrieved = self._paper_retrieve()
-        if answering:
-            self.answer_steps += 1
-        elif move_on and not ended:
-            self._next_chunk(messages)
-        return ended, retrieved
+        return ended, self._finish_paper_step(answering, move_on and not ended, messages)
 
     def _official_step(self, action: str, messages: list[str], error) -> tuple[bool, str]:
         """One reply, as the official loop's `parse_action` handles it (docs/eval.md: each behaviour with the official
@@ -535,12 +530,17 @@ class AtomMemEnv(gym.Env):
             error(f"{err}: the rest of the reply is dropped and the chunk stays (the official loop raises here "
                   "and catches it)")
             move_on = False
+        return ended, self._finish_paper_step(answering, move_on and not ended, messages)
+
+    def _finish_paper_step(self, answering: bool, move_on: bool, messages: list[str]) -> str:
+        """Both paper loops after a reply: the memories for the query shown next, the step counted, the chunk moved
+        on if the reply read on; returns the memories shown."""
         retrieved = self._paper_retrieve()
         if answering:
             self.answer_steps += 1
-        elif move_on and not ended:
+        elif move_on:
             self._next_chunk(messages)
-        return ended, retrieved
+        return retrieved
 
     def _official_memory_op(self, name: str, content: str, messages: list[str]) -> None:
         """add_memory, modify_memory, delete_memory, update_memory of the official loop; `Memory i` indexes the
