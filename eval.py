@@ -26,7 +26,7 @@ from agents.evaluation import evaluate_policy, length_label, make_env_kwargs, pa
 @dataclass
 class Args:
     policies: tuple[str, ...] = ("oracle", "rag", "no-memory", "random")
-    """policies to evaluate: noop, random, oracle, oracle-broad, no-memory, memagent, rag, write-only, read-only, llm"""
+    """policies to evaluate: noop, random, oracle, oracle-broad, oracle-hops, no-memory, memagent, rag, write-only, read-only, llm"""
     env_id: str = "AtomMem/SyntheticEasy-v0"
     """a registered AtomMem env id (the default: one-hop questions, which a retrieve-then-read baseline with a
     135M reader can answer at times; AtomMem/Synthetic-v0 has 2-3 hops)"""
@@ -149,6 +149,8 @@ def explanation(args: Args) -> str:
         parts.append("oracle stores the gold facts: the ceiling.")
     if "oracle-broad" in args.policies:
         parts.append("oracle-broad also stores the look-alike distractors and answers gold.")
+    if "oracle-hops" in args.policies:
+        parts.append("oracle-hops is oracle-broad with one Read per hop before it answers.")
     if "random" in args.policies or "noop" in args.policies:
         parts.append("random/noop: the floor.")
     readers = [p for p in args.policies if p in READER_POLICIES]

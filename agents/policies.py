@@ -102,6 +102,10 @@ class OraclePolicy(Policy):
     `<final_answer>\\boxed{gold}</final_answer>`, one per step as the questions come.
     Its state is kept per slot (env index), so episodes of the same task in two envs do not mix.
 
+    With `read_per_hop=True` (the `oracle-hops` teacher, which also stores look-alikes) the answer phase
+    Reads once per hop (`hop_queries`: the question, then the hop's fact among what the previous Read
+    returned) before answering, as long as an answer step is left.
+
     With `look_alikes=True` (the `oracle-broad` teacher) it also stores the task's distractor
     sentences about look-alike entities (synthetic tasks list them in `look_alike_facts`) as they
     come, and leaves telling them apart to the Read: the question names its entity exactly, so a
@@ -112,14 +116,16 @@ class OraclePolicy(Policy):
 
     name = "oracle"
 
-    def __init__(self, protocol: str = "atommem", look_alikes: bool = False):
+    def __init__(self, protocol: str = "atommem", look_alikes: bool = False, read_per_hop: bool = False):
         self.protocol = protocol
         self.look_alikes = look_alikes
+        self.read_per_hop = read_per_hop
         if look_alikes:
-            self.name = "oracle-broad"
+            self.name = "oracle-hops" if read_per_hop else "oracle-broad"
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
         self.pending: dict[int, list[str]] = {}  # slot -> keys of the Creates sent last step, in order
         self.stored: dict[int, set[str]] = {}  # slot -> fact texts written this episode
+        self.reads_done: dict[int, int] = {}  # slot -> Reads sent in this episode's answer phase
 
     def act(self, observations, tasks=None, slots=None):
         if tasks is None or len(tasks) != len(observations):
@@ -155,8 +161,16 @@ class OraclePolicy(Policy):
         ids = self.entry_ids[slot] = {} if fresh else self.entry_ids.get(slot, {})
         created = [int(n) for n in re.findall(r"^created entry (\d+)$", obs["feedback"], re.MULTILINE)]
         ids.update(zip(self.pending.pop(slot, []) if not fresh else [], created))
+        if fresh:
+            self.reads_done[slot] = 0
         if answering(obs):
-            if not obs["retrieved"] and int(obs["memory_size"]):
+            if self.read_per_hop:
+                queries = hop_queries(task)
+                done = self.reads_done.get(slot, 0)
+                if int(obs["memory_size"]) and done < len(queries) and int(obs["reads_left"]) > 1:
+                    self.reads_done[slot] = done + 1
+                    return format_ops([Read(queries[done])])
+            elif not obs["retrieved"] and int(obs["memory_size"]):
                 return format_ops([Read(task.questions[0].question)])
             multi = len(task.questions) > 1
             return format_ops([Answer(q.answers[0], question=i + 1 if multi else None)
@@ -171,6 +185,24 @@ class OraclePolicy(Policy):
                 keys.append(key)
         self.pending[slot] = keys
         return format_ops(ops)
+
+
+def hop_queries(task: Task) -> list[str]:
+    """One Read per hop: the question, then the text of each hop's fact but the last, in chain order: an entry the
+    previous Read returned, the one that names the entity asked about (a look-alike may rank above it).
+    Synthetic facts carry `subject|relation` keys; the chain starts at the fact whose subject the question names
+    and follows the subject each fact names. Without keys (real datasets): the question alone."""
+    question = task.questions[0]
+    facts = [f for f in question.supporting_facts if f.current and f.key]
+    queries, text = [question.question], question.question
+    while facts:
+        hop = next((f for f in facts if f.key.split("|")[0] in text), None)
+        if hop is None:
+            break
+        facts.remove(hop)
+        text = hop.text
+        queries.append(text)
+    return queries[:-1] if len(queries) > 1 else queries
 
 
 def extract_answer(text: str) -> str:
