@@ -86,10 +86,10 @@ class AtomMemEnv(gym.Env):
 
     | key | content |
     |---|---|
-    | question | the question; with several, one per line as `Q1: ...` |
+    | question | the question; with several, one per line as `Q1: ...` (official paper loop: unnumbered); paper protocol after the last chunk: the current one |
     | chunk | the current chunk of the document ("" in the answer phase) |
     | scratchpad | the scratchpad's text ("" when disabled) |
-    | retrieved | the entries found by the last step's Reads as `[id N] text` lines, best first, equal scores by id (paper protocol: `Memory i: text` for the persistent query); an entry's later lines are indented 4 spaces, so only entry starts begin a line |
+    | retrieved | the entries found by the last step's Reads as `[id N] text` lines, best first, equal scores by id (paper protocol: `Memory i: text` for the persistent query; official loop: `No previous memory` when none, cut at 4096 tokens); an entry's later lines are indented 4 spaces, so only entry starts begin a line (official loop: as written) |
     | feedback | errors and results of the last action (ids created, ...), one line each, each cut at 240 characters, 2000 in all |
     | query | paper protocol: the persistent retrieval query (a placeholder until the agent sets one); "" otherwise |
     | chunk_index | 0-based index of the chunk shown; equals num_chunks in the answer phase |
@@ -153,7 +153,8 @@ class AtomMemEnv(gym.Env):
       op in an action is an error message. `use_scratchpad=False` and `use_vector_store=False`
       remove the scratchpad and the four memory ops.
     - `top_k` (6), `max_reads_per_chunk` (2), `max_answer_steps` (4): the last two in the atommem protocol only.
-    - `max_steps` (None: no cap in the atommem protocol, 2 x chunks + 4 x questions in the paper's).
+    - `max_steps` (None: no cap in the atommem protocol, 41 in the official paper loop, 2 x chunks + 4 x
+      questions with `paper_fixes`).
     - `answer_matching`: None (the protocol's own: "pooled" for paper, "per_question" for atommem),
       "pooled" or "per_question".
     - `max_entries` (None), `max_entry_chars` and `max_scratchpad_chars` ("auto": 2000 and 4000, none in the
