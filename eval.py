@@ -140,11 +140,13 @@ def markdown(results: dict, args: Args) -> str:
 
 def explanation(args: Args) -> str:
     """The line under the table: what the numbers mean for the policies in it."""
-    rule = "the official boxed rule" if protocol_of(args.env_id, args.env_kwargs) == "paper" else "SQuAD normalisation"
+    paper = protocol_of(args.env_id, args.env_kwargs) == "paper"
+    rule = "the official boxed rule" if paper else "SQuAD normalisation"
     parts = [f"EM: share of episodes answered exactly ({rule}), ± standard error; F1: token overlap; sub-EM: "
              "a gold answer inside the answer or the reverse (MemAgent's sub_em)."]
-    if protocol_of(args.env_id, args.env_kwargs) == "paper":
-        parts.append("Paper protocol: EM is the official score over every reply (it may pass 1).")
+    if paper:
+        parts.append("Paper protocol: EM is the official score over every reply (it may pass 1), unless "
+                     "paper_fixes or per-question answer_matching is set.")
     if "oracle" in args.policies:
         parts.append("oracle stores the gold facts: the ceiling.")
     if "oracle-broad" in args.policies:

@@ -372,18 +372,18 @@ class AtomMemEnv(gym.Env):
             error(f"the action has {len(action)} characters; only the first {self.max_action_chars} were read")
             action = action[:self.max_action_chars]
 
-        parsed = parse_action(action, self.protocol)
-        if not self.official:  # the official loop reads replies its own way (_official_step)
+        self.steps += 1
+        if self.official:  # the official loop reads replies its own way
+            terminated, retrieved = self._official_step(action, messages, error)
+        else:
+            parsed = parse_action(action, self.protocol)
             for problem in parsed.errors:
                 error(problem)
             self._prefetch_embeddings(parsed.ops)
-        self.steps += 1
-        if self.official:
-            terminated, retrieved = self._official_step(action, messages, error)
-        elif self.protocol == "paper":
-            terminated, retrieved = self._paper_step(parsed, action, messages, error)
-        else:
-            terminated, retrieved = self._atommem_step(parsed, messages, error)
+            if self.protocol == "paper":
+                terminated, retrieved = self._paper_step(parsed, action, messages, error)
+            else:
+                terminated, retrieved = self._atommem_step(parsed, messages, error)
         truncated = False
         if not terminated and self.answer_steps >= self.max_answer_steps and self.protocol == "atommem":
             truncated = True
@@ -506,7 +506,7 @@ class AtomMemEnv(gym.Env):
                     move_on = move_on or name in ("add_memory", "modify_memory")  # the reply still reads on
                     continue
                 if name == "update_query":
-                    if self.query_updates > PAPER_QUERY_UPDATES - 1:
+                    if self.query_updates >= PAPER_QUERY_UPDATES:
                         messages.append(f"more than {PAPER_QUERY_UPDATES} query updates in a row for question "
                                         f"{self.question_index + 1}: it is skipped, unanswered")
                         ended = self._next_question() or ended
