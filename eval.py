@@ -21,6 +21,7 @@ from tqdm import tqdm
 import atommem_env
 from agents import POLICIES, READER_POLICIES, make_generator, make_policy
 from agents.evaluation import evaluate_policy, length_label, make_env_kwargs, parse_env_kwargs, protocol_of
+from agents.trajectories import open_trajectories, write_episodes
 
 
 @dataclass
@@ -70,6 +71,9 @@ class Args:
     """OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1): use it instead of a local model"""
     request_timeout: float = 60.0
     """seconds before an endpoint request counts as failed"""
+    endpoint_token_ids: bool = True
+    """ask the endpoint for the prompt's and completion's token ids and log-probs (vLLM's return_token_ids), kept in
+    --save-trajectories; --no-endpoint-token-ids for a server that rejects the field"""
     max_new_tokens: int = 96
     """generation budget per step (the official AtomMem evaluation: 4096)"""
     temperature: float = 0.0
@@ -89,6 +93,9 @@ class Args:
     """name of this evaluation (the report file prefix)"""
     env_kwargs: str = "{}"
     """extra keyword arguments for gym.make, as a JSON object: '{"top_k": 3, "max_entries": null}'"""
+    save_trajectories: str | None = None
+    """write every policy step as a JSON line to this .jsonl file (docs/trajectories.md): prompt and completion
+    token ids, the sampler's log-probs, parsed ops, feedback and the episode's reward"""
 
 
 def env_kwargs(args: Args, context_tokens: int | None, num_documents: int | None = None) -> dict:
@@ -166,6 +173,12 @@ def explanation(args: Args) -> str:
     return " ".join(parts)
 
 
+def trajectory_writer(file, protocol: str, policy: str, label: str):
+    """--save-trajectories: a cell's episodes as step lines, with ids `<policy>/<cell>/<task index>`."""
+    return lambda records: write_episodes(file, records, protocol, lambda r: f"{policy}/{label}/{r['task_index']}",
+                                          lambda r: {"policy": policy, "cell": label})
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -219,6 +232,10 @@ if __name__ == "__main__":
     except (ValueError, TypeError) as err:  # TypeError: an argument the env does not take
         raise SystemExit(f"error: {err}")
 
+    try:
+        trajectories = open_trajectories(args.save_trajectories)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     protocol = protocol_of(args.env_id, args.env_kwargs)
     generator = None
     if any(p in READER_POLICIES or p == "llm" for p in args.policies):
@@ -226,7 +243,8 @@ if __name__ == "__main__":
             generator = make_generator(args.model, endpoint=args.endpoint, adapter=args.adapter, device=args.device,
                                        dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        max_prompt_tokens=prompt_budget(args), timeout=args.request_timeout,
-                                       backend=args.backend, seed=args.seed)
+                                       backend=args.backend, seed=args.seed,
+                                       endpoint_token_ids=args.endpoint_token_ids)
         except ValueError as err:
             raise SystemExit(f"error: {err}")
     try:  # a workflow that cannot speak the id's protocol fails here, before any episode
@@ -245,7 +263,8 @@ if __name__ == "__main__":
                                      single_message=args.single_message)
                 results.setdefault(name, {})[label] = evaluate_policy(
                     policy, args.env_id, env_kwargs(args, length, documents), args.num_episodes, args.num_envs,
-                    args.seed, progress=progress.update)
+                    args.seed, progress=progress.update,
+                    on_records=trajectory_writer(trajectories, protocol, name, label) if trajectories else None)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,3 +275,6 @@ if __name__ == "__main__":
                                                           default=str))
     plot(results, out / f"{args.exp_name}_em_vs_context.png")
     print(f"wrote {out / args.exp_name}.md, .json and _em_vs_context.png")
+    if trajectories:
+        trajectories.close()
+        print(f"wrote the step-wise trajectories to {args.save_trajectories}")

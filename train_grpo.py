@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents import LLMPolicy, local_sampler
 from agents.evaluation import make_vector_env, num_tasks, protocol_of
+from agents.trajectories import open_trajectories, step_records, write_lines
 from agents.training import (CompletionScorer, StepSample, base_model_of, check_backend_args, check_env_args, default_bf16,
                              disable_dropout, evaluate_and_log, hparams_table, load_trainer_state, make_accelerator,
                              make_reference_logprobs, peak_memory_mb, rollout, rollout_metrics, save_checkpoint,
@@ -82,6 +83,9 @@ class Args:
     """episode reward: em or f1, minus format_penalty per invalid op"""
     format_penalty: float = 0.0
     """subtracted from the reward per invalid operation in the episode"""
+    save_trajectories: str | None = None
+    """write every rollout step of every iteration as a JSON line to this .jsonl file (docs/trajectories.md), with
+    the iteration, group id, advantage, weight and the reward the advantage came from"""
     scale_rewards: bool = True
     """advantage (r - mean) / (std + 1e-4) per group; False: r - mean only (Dr. GRPO, MemAgent)"""
     episode_weighting: str = "equal"
@@ -165,6 +169,12 @@ def group_advantages(rewards: np.ndarray, group_size: int, scale: bool) -> tuple
     equal = np.isclose(std, 0.0)
     advantages = np.where(equal, 0.0, centred / (std + 1e-4) if scale else centred)
     return advantages.reshape(-1), float(equal.mean())
+
+
+def grpo_fields(episode: int, iteration: int, group_size: int, rewards, advantages, weights) -> dict:
+    """What --save-trajectories adds to a rollout step: the reward its advantage came from replaces the env's."""
+    return {"iteration": iteration, "group_id": f"{iteration}/{episode // group_size}",
+            "advantage": float(advantages[episode]), "weight": weights[episode], "reward": float(rewards[episode])}
 
 
 def padded(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
@@ -317,6 +327,10 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --tasks-per-iteration ({args.tasks_per_iteration}) must be a multiple of the "
                          f"number of processes ({world}): each process runs whole groups")
     local_envs = num_envs // world
+    try:  # an unwritable path fails here, before any model work
+        trajectories = open_trajectories(args.save_trajectories) if accelerator.is_main_process else None
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     first_env = rank * local_envs  # this process's envs are episodes first_env .. first_env + local_envs - 1
     run_name = broadcast_object_list([run_name])[0]
 
@@ -381,8 +395,9 @@ if __name__ == "__main__":
         tasks = np.repeat(draw_tasks(), args.group_size)[first_env:first_env + local_envs]
         lm.eval()
         with accelerator.autocast():
-            samples, episodes = rollout(envs, policy, [int(t) for t in tasks],
-                                        seed=args.seed * 100_003 + iteration + first_env, first_episode=first_env)
+            samples, episodes, records = rollout(envs, policy, [int(t) for t in tasks],
+                                                 seed=args.seed * 100_003 + iteration + first_env,
+                                                 first_episode=first_env)
         rollout_time = time.time() - rollout_start  # generation and env steps only
         episodes = gather_object(episodes)
         # 2. Advantages: one per episode, relative to its group, given to every step of the episode.
@@ -396,8 +411,15 @@ if __name__ == "__main__":
             score_old_logprobs(accelerator.unwrap_model(scorer), samples, args, pad_id, device)
         score_time = time.time() - score_start
         samples = gather_object(samples)
+        weights = [1.0 / e["num_steps"] if args.episode_weighting == "equal" else 1.0 for e in episodes]
         for s in samples:
-            s.weight = 1.0 / episodes[s.episode]["num_steps"] if args.episode_weighting == "equal" else 1.0
+            s.weight = weights[s.episode]
+        if args.save_trajectories:
+            lines = gather_object([line for record in records for line in step_records(
+                record, policy.protocol, f"{iteration}/{first_env + record['slot']}", **grpo_fields(
+                    first_env + record["slot"], iteration, args.group_size, rewards, advantages, weights))])
+            if trajectories:
+                write_lines(trajectories, lines)
         # 4. Update, then give the sampler the new weights.
         lm.train()
         update_start = time.time()
@@ -435,6 +457,8 @@ if __name__ == "__main__":
             break
 
     envs.close()
+    if trajectories:
+        trajectories.close()
     accelerator.wait_for_everyone()
     if writer:
         summary = {"run_name": run_name, "checkpoint": str(Path(args.save_dir) / run_name / "checkpoint"),

@@ -15,11 +15,14 @@ READER_POLICIES = ("no-memory", "memagent", "rag", "write-only", "read-only")
 
 def make_generator(model: str, *, endpoint: str | None = None, adapter: str | None = None, device: str = "auto",
                    dtype: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
-                   max_prompt_tokens: int | None = None, timeout: float = 60.0, backend: str = "hf", seed: int = 0):
+                   max_prompt_tokens: int | None = None, timeout: float = 60.0, backend: str = "hf", seed: int = 0,
+                   endpoint_token_ids: bool = True):
     """An HF model (id, path, 'tiny', 'smollm2') run by transformers (backend "hf") or by a vLLM engine in this
-    process ("vllm"), or with `endpoint` an OpenAI-compatible server."""
+    process ("vllm"), or with `endpoint` an OpenAI-compatible server (asked for token ids unless
+    `endpoint_token_ids` is False)."""
     if endpoint:
-        return OpenAIGenerator(endpoint, model, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout)
+        return OpenAIGenerator(endpoint, model, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout,
+                               token_ids=endpoint_token_ids)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, max_prompt_tokens=max_prompt_tokens)
     if backend == "vllm":
         from .models import load_tokenizer

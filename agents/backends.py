@@ -147,11 +147,16 @@ class OpenAIGenerator:
     retries connection errors, 429 and 5xx with exponential back-off (`max_retries`, honouring
     Retry-After). `timeout` is a total deadline per request, retries included: a server that trickles
     bytes cannot hold a request past it. Any failure comes back as a Generation with `error`.
+
+    With `token_ids` (default) each request asks for the sampled tokens' log-probs and, through vLLM's
+    `return_token_ids`, the prompt's and the completion's token ids, so a trajectory keeps what the server
+    sampled, never a re-tokenisation of its text. A server without `return_token_ids` answers without them
+    (the ids stay empty); one that rejects the unknown field needs `token_ids=False`.
     """
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, timeout: float = 60.0, max_retries: int = 3,
-                 max_concurrency: int = 16):
+                 max_concurrency: int = 16, token_ids: bool = True):
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "").rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL (or set OPENAI_BASE_URL), got {self.base_url!r}")
@@ -167,19 +172,22 @@ class OpenAIGenerator:
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
+        self.token_ids = token_ids
 
     async def _request(self, client, limit: asyncio.Semaphore, messages: list[dict]) -> Generation:
         import openai
 
         try:
+            extra = {"logprobs": True, "extra_body": {"return_token_ids": True}} if self.token_ids else {}
             async with limit:
                 response = await asyncio.wait_for(client.chat.completions.create(
                     model=self.model, messages=messages, max_tokens=self.max_new_tokens,
-                    temperature=self.temperature), self.timeout)
-            content = response.choices[0].message.content
+                    temperature=self.temperature, **extra), self.timeout)
+            choice = response.choices[0]
+            content = choice.message.content
             if content is not None and not isinstance(content, str):
                 raise TypeError(f"message content is {type(content).__name__}, not text")
-            return Generation(text=content or "")
+            return Generation(text=content or "", **self._tokens_of(response, choice))
         except asyncio.TimeoutError:
             error = f"no complete reply from {self.base_url} within {self.timeout} s"
         except openai.APIStatusError as err:
@@ -190,7 +198,21 @@ class OpenAIGenerator:
             error = f"malformed reply from {self.base_url}: {err!r}"[:300]
         return Generation(text="", error=error)
 
-    async def _generate(self, conversations: list[list[dict]]) -> list[Generation]:
+    @staticmethod
+    def _tokens_of(response, choice) -> dict:
+        """The reply's prompt and completion token ids and the completion's log-probs, where the server sent them."""
+        prompt_ids = getattr(response, "prompt_token_ids", None) or []
+        completion_ids = getattr(choice, "token_ids", None) or []
+        content = getattr(choice.logprobs, "content", None) or []
+        logprobs = [float(item.logprob) for item in content]
+        if not all(isinstance(i, int) for i in [*prompt_ids, *completion_ids]):
+            raise TypeError("token ids that are not integers")
+        # Log-probs count only when they cover the completion's tokens one to one.
+        return {"prompt_ids": list(prompt_ids), "completion_ids": list(completion_ids),
+                "logprobs": logprobs if completion_ids and len(logprobs) == len(completion_ids) else []}
+
+    async def agenerate(self, conversations: list[list[dict]]) -> list[Generation]:
+        """`generate` for callers already inside an event loop (the verifiers harness)."""
         import openai
 
         limit = asyncio.Semaphore(self.max_concurrency)
@@ -199,4 +221,4 @@ class OpenAIGenerator:
             return list(await asyncio.gather(*[self._request(client, limit, c) for c in conversations]))
 
     def generate(self, conversations: list[list[dict]]) -> list[Generation]:
-        return asyncio.run(self._generate(conversations)) if conversations else []
+        return asyncio.run(self.agenerate(conversations)) if conversations else []

@@ -108,8 +108,9 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
 
     An output with `error` (a failed LLM request) marks its episode failed (EM and F1 0); empty
     actions then run that episode to its end. With `keep_steps`, a record's "steps" lists
-    (observation, PolicyOutput) for each of its steps: SFT data and GRPO samples come from there.
-    Envs past their schedule (or without one) idle with empty actions.
+    (observation, PolicyOutput) for each of its steps: SFT data and GRPO samples come from there, and
+    "final_feedback" the feedback the last step got back (trajectories). A record's "reward" is the env's
+    return over the episode. Envs past their schedule (or without one) idle with empty actions.
     """
     n = envs.num_envs
     if len(schedules) > n:
@@ -122,6 +123,7 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
     failed: list[str | None] = [None] * n
     steps: list[list] = [[] for _ in range(n)]
     started = [time.perf_counter()] * n
+    returns = np.zeros(n)
     just_reset = np.zeros(n, dtype=bool)  # the vector env's autoreset step: its action is ignored
     episodes = []
     while any(remaining):
@@ -136,7 +138,8 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
                 steps[i].append((observations[i], out))
                 if out.error:
                     failed[i] = out.error
-        obs, _, terminated, truncated, info = envs.step(actions)
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        returns += np.where(just_reset, 0.0, rewards)
         just_reset[:] = False
         for i in np.flatnonzero(terminated | truncated):
             just_reset[i] = True
@@ -148,7 +151,8 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
                 "slot": int(i), "task_index": schedules[i][len(schedules[i]) - remaining[i] - 1],
                 "task_id": info["task_id"][i], "em": 0.0 if failed[i] else float(info["em"][i]),
                 "f1": 0.0 if failed[i] else float(info["f1"][i]),
-                "sub_em": 0.0 if failed[i] else float(info["sub_em"][i]), "failed": failed[i],
+                "sub_em": 0.0 if failed[i] else float(info["sub_em"][i]), "reward": float(returns[i]),
+                "failed": failed[i],
                 "answer": info["answers"][i], "gold": info["gold_answers"][i],
                 "raw_answers": [out.raw_answer for _, out in steps[i] if out.raw_answer is not None],
                 "ops": {k: int(info["op_counts"][k][i]) for k in OP_KEYS + ("answer",)},
@@ -159,8 +163,10 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
             }
             if keep_steps:
                 record["steps"] = steps[i]
+                record["final_feedback"] = str(obs["feedback"][i])
             episodes.append(record)
             failed[i] = None
+            returns[i] = 0.0
             steps[i] = []
             started[i] = time.perf_counter()
             if progress is not None:
@@ -169,12 +175,17 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
 
 
 def evaluate_policy(policy: Policy, env_id: str, env_kwargs: dict, num_episodes: int, num_envs: int, seed: int,
-                    progress: Callable[[int], object] | None = None) -> dict:
-    """Runs tasks 0..num_episodes-1 of the env's split, the same set for every policy; `summarize()`s them."""
+                    progress: Callable[[int], object] | None = None,
+                    on_records: Callable[[list[dict]], object] | None = None) -> dict:
+    """Runs tasks 0..num_episodes-1 of the env's split, the same set for every policy; `summarize()`s them.
+    `on_records` gets the episode records with their steps first (eval.py --save-trajectories)."""
     schedules = episode_schedules(num_episodes, num_envs)
     envs = make_vector_env(env_id, env_kwargs, len(schedules))
     try:
-        return summarize(run_episodes(envs, policy, schedules, seed, progress=progress))
+        records = run_episodes(envs, policy, schedules, seed, keep_steps=on_records is not None, progress=progress)
+        if on_records is not None:
+            on_records(records)
+        return summarize(records)
     finally:
         envs.close()
 
@@ -198,7 +209,7 @@ def summarize(episodes: list[dict]) -> dict:
         "seconds_per_episode": mean("seconds"),
         "failed_episodes": sum(e["failed"] is not None for e in episodes),
         "failures": sorted({e["failed"] for e in episodes if e["failed"]}),
-        "records": [{k: v for k, v in e.items() if k != "steps"} for e in episodes],
+        "records": [{k: v for k, v in e.items() if k not in ("steps", "final_feedback")} for e in episodes],
     }
 
 

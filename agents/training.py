@@ -44,8 +44,9 @@ class StepSample:
 def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int):
     """train_grpo.py's rollout: one episode per env, env i on task task_indices[i] as episode first_episode + i.
 
-    Returns (samples, episodes): every step as a StepSample with the sampled ids and log-probs, and
-    per episode its reward inputs and op counts, in env order.
+    Returns (samples, episodes, records): every step as a StepSample with the sampled ids and log-probs; per
+    episode its reward inputs and op counts, in env order; and `run_episodes`' records with their steps, in the
+    same order (for --save-trajectories).
     """
     from .evaluation import run_episodes
 
@@ -59,7 +60,7 @@ def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int
                 samples.append(StepSample(g.prompt_ids, g.completion_ids, g.logprobs, first_episode + record["slot"]))
         episodes.append({k: record[k] for k in ("em", "f1", "invalid_ops", "ops", "num_steps", "prompts_cut",
                                                 "prompt_tokens_cut")})
-    return samples, episodes
+    return samples, episodes, records
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

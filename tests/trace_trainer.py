@@ -3,9 +3,12 @@
     python tests/trace_trainer.py train_sft.py --flags ...   (or under torchrun)
 
 - the time-out each process group is created with: `TRACE process_group_timeout_s=<seconds or None>`;
-- every held-out evaluation's share of this process: `TRACE rank=<r> evaluation_episodes=<n>`.
+- every held-out evaluation's share of this process: `TRACE rank=<r> evaluation_episodes=<n>`;
+- every GRPO sample the loss scores (`agents.training.token_logprobs` once its old log-probs are set, as in the
+  update): `TRACE loss_sample=<json>` with its token ids, sampler log-probs, advantage and weight.
 """
 
+import json
 import os
 import runpy
 import sys
@@ -47,7 +50,21 @@ def traced_evaluate_and_log(*args, **kwargs):
         print(f"TRACE rank={os.environ.get('RANK', '0')} evaluation_episodes={sum(counts)}", flush=True)
 
 
+_token_logprobs = agents.training.token_logprobs
+
+
+def traced_token_logprobs(scorer, samples, *args, **kwargs):
+    for s in samples:
+        if getattr(s, "old_logprobs", None) is None:
+            continue
+        print("TRACE loss_sample=" + json.dumps({
+            "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "sampler_logprobs": s.sampler_logprobs,
+            "advantage": s.advantage, "weight": s.weight}), flush=True)
+    return _token_logprobs(scorer, samples, *args, **kwargs)
+
+
 torch.distributed.init_process_group = traced_init_process_group
+agents.training.token_logprobs = traced_token_logprobs
 agents.training.evaluate_and_log = traced_evaluate_and_log  # before the script imports it
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
