@@ -93,10 +93,11 @@ def run_vf_eval(args: Args, endpoint: str, out: Path) -> tuple[float, float]:
                     "--max-concurrent", "1", "--no-push", "--no-rich", "--run.name", "bench", "-o", str(out)],
                    cwd=REPO, check=True, capture_output=True, env={**os.environ, "OPENAI_API_KEY": "none"})
     wall = time.perf_counter() - start
-    traces = [json.loads(line) for line in (out / "bench" / "traces.jsonl").read_text().splitlines()]
-    if len(traces) != args.episodes or not all(t["ok"] for t in traces):
-        raise SystemExit(f"verifiers: {sum(t['ok'] for t in traces)} of {args.episodes} episodes ok")
-    episode_seconds = sum(t["timing"]["agent"]["end"] - t["timing"]["agent"]["start"] for t in traces)
+    episodes = [json.loads(line) for line in (out / "bench" / "traces.jsonl").read_text().splitlines()]
+    if len(episodes) != args.episodes or not all(e["ok"] for e in episodes):
+        raise SystemExit(f"verifiers: {sum(e['ok'] for e in episodes)} of {args.episodes} episodes ok")
+    agent_times = [e["traces"][0]["timing"]["agent"] for e in episodes]
+    episode_seconds = sum(t["end"] - t["start"] for t in agent_times)
     return wall, episode_seconds
 
 
