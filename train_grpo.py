@@ -31,7 +31,7 @@ from agents.evaluation import make_vector_env, num_tasks, protocol_of
 from agents.trajectories import open_trajectories, step_records, write_lines
 from agents.training import (CompletionScorer, StepSample, base_model_of, check_backend_args, check_env_args, default_bf16,
                              disable_dropout, evaluate_and_log, hparams_table, load_trainer_state, make_accelerator,
-                             make_reference_logprobs, peak_memory_mb, rollout, rollout_metrics, save_checkpoint,
+                             make_reference_logprobs, padded, peak_memory_mb, rollout, rollout_metrics, save_checkpoint,
                              setup_model, start_vllm_engine, token_logprobs, trainer_env_kwargs)
 
 
@@ -175,14 +175,6 @@ def grpo_fields(episode: int, iteration: int, group_size: int, rewards, advantag
     """What --save-trajectories adds to a rollout step: the reward its advantage came from replaces the env's."""
     return {"iteration": iteration, "group_id": f"{iteration}/{episode // group_size}",
             "advantage": float(advantages[episode]), "weight": weights[episode], "reward": float(rewards[episode])}
-
-
-def padded(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
-    """Per-token values laid out like `token_logprobs`' output (zeros past each completion)."""
-    out = torch.zeros_like(like)
-    for row, values in enumerate(rows):
-        out[row, :len(values)] = torch.tensor(values, device=like.device)
-    return out
 
 
 def loss_denominator(weights, lengths, loss_type: str, max_completion: int, mean_weight: float):

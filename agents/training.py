@@ -86,6 +86,14 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) ->
             "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "targets": targets, "target_mask": target_mask}
 
 
+def padded(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Per-token values laid out like `token_logprobs`' output (zeros past each completion)."""
+    out = torch.zeros_like(like)
+    for row, values in enumerate(rows):
+        out[row, :len(values)] = torch.tensor(values, device=like.device)
+    return out
+
+
 def _score_rows(head, softcap, temperature, hidden, targets):
     logits = head(hidden).float()
     if softcap:

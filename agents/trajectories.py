@@ -25,7 +25,7 @@ import torch
 
 from atommem_env.protocols import OP_NAMES, parse_action
 
-from .training import StepSample, pack
+from .training import StepSample, pack, padded
 
 
 def open_trajectories(path: str | None) -> IO[str] | None:
@@ -98,16 +98,12 @@ def read_trajectories(path: str) -> list[dict]:
 
 
 def step_samples(lines: list[dict]) -> list[StepSample]:
-    """The lines with sampled tokens as the StepSamples train_grpo.py trains on (episode: index of its episode_id in
+    """Lines with sampled tokens as the StepSamples train_grpo.py trains on (episode: index of its episode_id in
     order of first appearance; advantage and weight where the file has them, else 0 and 1)."""
     episodes: dict[str, int] = {}
-    samples = []
-    for line in lines:
-        episode = episodes.setdefault(line["episode_id"], len(episodes))
-        if line["completion_token_ids"]:
-            samples.append(StepSample(line["prompt_token_ids"], line["completion_token_ids"], line["logprobs"] or [],
-                                      episode, float(line.get("advantage", 0.0)), float(line.get("weight", 1.0))))
-    return samples
+    return [StepSample(line["prompt_token_ids"], line["completion_token_ids"], line["logprobs"] or [],
+                       episodes.setdefault(line["episode_id"], len(episodes)), float(line.get("advantage", 0.0)),
+                       float(line.get("weight", 1.0))) for line in lines]
 
 
 def load_trajectories(path: str, pad_id: int = 0) -> dict:
@@ -122,10 +118,7 @@ def load_trajectories(path: str, pad_id: int = 0) -> dict:
     if not samples:
         raise ValueError(f"{path}: no step with sampled tokens")
     batch = pack([s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_id)
-    width = max(len(s.completion_ids) for s in samples)
-    logprobs = torch.zeros(len(samples), width)
-    for row, s in enumerate(samples):
-        logprobs[row, :len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
+    logprobs = padded([s.sampler_logprobs for s in samples], torch.zeros(batch["targets"].shape))
     return {**batch, "sampler_logprobs": logprobs,
             "has_logprobs": torch.tensor([bool(s.sampler_logprobs) for s in samples]),
             "advantages": torch.tensor([s.advantage for s in samples]),
