@@ -103,8 +103,9 @@ class OraclePolicy(Policy):
     Its state is kept per slot (env index), so episodes of the same task in two envs do not mix.
 
     With `read_per_hop=True` (the `oracle-hops` teacher, which also stores look-alikes) the answer phase
-    Reads once per hop (`hop_queries`: the question, then the hop's fact among what the previous Read
-    returned) before answering, as long as an answer step is left.
+    Reads once per hop before answering, as long as an answer step is left: with the question, then with the entity
+    each hop's fact leads to, writing the facts followed so far to the scratchpad beside that Read (`hop_reads`), so
+    the observation says which hop the Reads have reached.
 
     With `look_alikes=True` (the `oracle-broad` teacher) it also stores the task's distractor
     sentences about look-alike entities (synthetic tasks list them in `look_alike_facts`) as they
@@ -165,11 +166,12 @@ class OraclePolicy(Policy):
             self.reads_done[slot] = 0
         if answering(obs):
             if self.read_per_hop:
-                queries = hop_queries(task)
+                reads = hop_reads(task)
                 done = self.reads_done.get(slot, 0)
-                if int(obs["memory_size"]) and done < len(queries) and int(obs["reads_left"]) > 1:
+                if int(obs["memory_size"]) and done < len(reads) and int(obs["reads_left"]) > 1:
                     self.reads_done[slot] = done + 1
-                    return format_ops([Read(queries[done])])
+                    query, notes = reads[done]
+                    return format_ops(([SetScratchpad(notes)] if notes else []) + [Read(query)])
             elif not obs["retrieved"] and int(obs["memory_size"]):
                 return format_ops([Read(task.questions[0].question)])
             multi = len(task.questions) > 1
@@ -187,22 +189,24 @@ class OraclePolicy(Policy):
         return format_ops(ops)
 
 
-def hop_queries(task: Task) -> list[str]:
-    """One Read per hop: the question, then the text of each hop's fact but the last, in chain order: an entry the
-    previous Read returned, the one that names the entity asked about (a look-alike may rank above it).
+def hop_reads(task: Task) -> list[tuple[str, str]]:
+    """One (query, scratchpad) per hop: the question with no note, then for each later hop the entity the previous
+    hop's fact names (the next fact's subject: a query that ranks that fact above the previous hop's look-alikes,
+    which the fact's whole text would not), with the facts followed so far as the scratchpad note.
     Synthetic facts carry `subject|relation` keys; the chain starts at the fact whose subject the question names
     and follows the subject each fact names. Without keys (real datasets): the question alone."""
     question = task.questions[0]
     facts = [f for f in question.supporting_facts if f.current and f.key]
-    queries, text = [question.question], question.question
+    chain, text = [], question.question
     while facts:
         hop = next((f for f in facts if f.key.split("|")[0] in text), None)
         if hop is None:
             break
         facts.remove(hop)
+        chain.append(hop)
         text = hop.text
-        queries.append(text)
-    return queries[:-1] if len(queries) > 1 else queries
+    return [(question.question, "")] + [(fact.key.split("|")[0], " ".join(f.text for f in chain[:i]))
+                                        for i, fact in enumerate(chain[1:], start=1)]
 
 
 def extract_answer(text: str) -> str:
