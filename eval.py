@@ -159,7 +159,8 @@ def explanation(args: Args) -> str:
     if "oracle-broad" in args.policies:
         parts.append("oracle-broad also stores the look-alike distractors and answers gold.")
     if "oracle-hops" in args.policies:
-        parts.append("oracle-hops is oracle-broad with one Read per hop before it answers (the question, then the entity each hop names).")
+        parts.append("oracle-hops is oracle-broad with one Read per hop before it answers "
+                     "(the question, then the entity each hop names).")
     if "random" in args.policies or "noop" in args.policies:
         parts.append("random/noop: the floor.")
     readers = [p for p in args.policies if p in READER_POLICIES]
