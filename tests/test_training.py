@@ -140,7 +140,8 @@ def _torchrun(script, *flags):
 
 def _shared_evaluations(stdout: str, episodes: int) -> None:
     """Both processes wait hours at collectives, and every evaluation is split between them (not main-only)."""
-    timeouts = re.findall(r"TRACE process_group_timeout_s=(\S+)", stdout)
+    # Two ranks share one stdout: a line may run into the next one's "TRACE", so the value is matched exactly.
+    timeouts = re.findall(r"TRACE process_group_timeout_s=([0-9.]+|None)", stdout)
     assert len(timeouts) == 2 and all(t != "None" and float(t) >= 3600 for t in timeouts), timeouts
     shares = re.findall(r"TRACE rank=(\d) evaluation_episodes=(\d+)", stdout)
     assert shares and {rank for rank, _ in shares} == {"0", "1"}
