@@ -80,9 +80,12 @@ class Args:
     max_prompt_tokens: int = 1024
     """prompts over this lose the end of their chunk, never the memory (agents.prompt.encode_prompt)"""
     reward: str = "em"
-    """episode reward: em or f1, minus format_penalty per invalid op"""
+    """episode reward: em or f1, minus format_penalty per invalid op and no_answer_penalty per unanswered question"""
     format_penalty: float = 0.0
     """subtracted from the reward per invalid operation in the episode"""
+    no_answer_penalty: float = 0.0
+    """subtracted from the reward times the share of questions the episode leaves unanswered, so that not answering
+    scores below a wrong answer (without it both score 0)"""
     save_trajectories: str | None = None
     """write every rollout step of every iteration as a JSON line to this .jsonl file (docs/trajectories.md), with
     the iteration, group id, advantage, weight and the reward the advantage came from"""
@@ -154,7 +157,15 @@ def check_args(args: Args) -> dict | None:
            args.update_epochs, args.max_new_tokens, args.num_envs, args.max_prompt_tokens) <= 0 \
             or args.temperature <= 0 or args.eval_episodes < 0 or args.time_limit_minutes < 0:
         raise SystemExit("error: counts and sizes must be positive, --temperature > 0 and --time-limit-minutes >= 0")
+    if min(args.format_penalty, args.no_answer_penalty) < 0:
+        raise SystemExit("error: --format-penalty and --no-answer-penalty must be >= 0 (they are subtracted)")
     return load_trainer_state(args.resume, "train_grpo.py", ("optimizer", "iteration", "reference"))
+
+
+def episode_rewards(episodes: list[dict], args: Args) -> np.ndarray:
+    """The reward each episode's advantage comes from: em or f1, minus the format and no-answer penalties."""
+    return np.array([e[args.reward] - args.format_penalty * e["invalid_ops"] - args.no_answer_penalty * e["unanswered"]
+                     for e in episodes])
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, scale: bool) -> tuple[np.ndarray, float]:
@@ -393,7 +404,7 @@ if __name__ == "__main__":
         rollout_time = time.time() - rollout_start  # generation and env steps only
         episodes = gather_object(episodes)
         # 2. Advantages: one per episode, relative to its group, given to every step of the episode.
-        rewards = np.array([e[args.reward] - args.format_penalty * e["invalid_ops"] for e in episodes])
+        rewards = episode_rewards(episodes, args)
         advantages, zero_std = group_advantages(rewards, args.group_size, args.scale_rewards)
         for s in samples:
             s.advantage = float(advantages[s.episode])

@@ -56,10 +56,11 @@ def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int
     for record in records:
         for _, output in record["steps"]:
             g = output.generation
-            if g.completion_ids:  # a failed generation (vLLM: prompt over its length) has none
+            if g is not None and g.completion_ids:  # none from a scripted policy or a failed generation (vLLM: long prompt)
                 samples.append(StepSample(g.prompt_ids, g.completion_ids, g.logprobs, first_episode + record["slot"]))
-        episodes.append({k: record[k] for k in ("em", "f1", "invalid_ops", "ops", "num_steps", "prompts_cut",
-                                                "prompt_tokens_cut")})
+        episodes.append({**{k: record[k] for k in ("em", "f1", "invalid_ops", "ops", "num_steps", "prompts_cut",
+                                                   "prompt_tokens_cut")},
+                         "unanswered": float(np.mean([answer == "" for answer in record["answer"]]))})
     return samples, episodes, records
 
 
@@ -352,6 +353,7 @@ def rollout_metrics(episodes: list[dict], response_lengths: list[int], rewards: 
         "rollout/reward_mean": rewards.mean(), "rollout/reward_std": rewards.std(),
         "rollout/em": np.mean([e["em"] for e in episodes]), "rollout/f1": np.mean([e["f1"] for e in episodes]),
         "rollout/zero_std_group_fraction": zero_std,
+        "rollout/unanswered_rate": np.mean([e["unanswered"] for e in episodes]),
         "rollout/invalid_op_rate": sum(e["invalid_ops"] for e in episodes) / max(1, total_ops),
         "rollout/prompt_cut_rate": sum(e["prompts_cut"] for e in episodes) / total_steps,
         "rollout/prompt_tokens_cut_per_step": sum(e["prompt_tokens_cut"] for e in episodes) / total_steps,

@@ -180,6 +180,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     (["--loss-type", "ppo"], "--loss-type"), (["--group-size", "1"], "at least 2"),
     (["--reward", "bleu"], "--reward"), (["--temperature", "0"], "--temperature"),
     (["--time-limit-minutes", "-1"], "--time-limit-minutes"),
+    (["--no-answer-penalty", "-0.2"], "--no-answer-penalty must be >= 0"),
     (["--env-kwargs", '{"top_k": 2, "topk": 1}'], "['topk'] are not arguments of the env"),
 ])
 def test_grpo_bad_flags(flags, message, tmp_path):
@@ -196,6 +197,23 @@ def test_group_advantages():
     centred, _ = group_advantages(rewards, 4, scale=False)
     assert np.allclose(centred[:4], [0.75, -0.25, -0.25, -0.25])
 
+
+
+def test_an_episode_without_an_answer_scores_below_a_wrong_one():
+    from agents import NoOpPolicy, OraclePolicy
+    from agents.evaluation import make_vector_env
+    from agents.training import rollout
+
+    kwargs = {"synthetic": {"hops": [1, 1], "distractors": 0, "volatility": 0}, "context_tokens": 300}
+    envs = make_vector_env("AtomMem/SyntheticEasy-v0", kwargs, 2)
+    answered = rollout(envs, OraclePolicy(), [0, 1], seed=0, first_episode=0)[1]
+    silent = rollout(envs, NoOpPolicy(), [0, 1], seed=0, first_episode=0)[1]
+    assert [e["unanswered"] for e in answered] == [0.0, 0.0] and [e["unanswered"] for e in silent] == [1.0, 1.0]
+    wrong = {"em": 0.0, "f1": 0.2, "invalid_ops": 1, "unanswered": 0.0}
+    episodes = [wrong, {**wrong, "unanswered": 1.0}, {**wrong, "em": 1.0, "unanswered": 0.5}]
+    args = train_grpo.Args(format_penalty=0.1, no_answer_penalty=0.2)
+    assert np.allclose(train_grpo.episode_rewards(episodes, args), [-0.1, -0.3, 0.8])
+    assert np.allclose(train_grpo.episode_rewards(episodes, train_grpo.Args(reward="f1")), [0.2, 0.2, 0.2])
 
 
 def test_only_samples_that_train_are_scored_plus_the_sync_check():
