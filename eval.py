@@ -165,8 +165,9 @@ def explanation(args: Args) -> str:
         parts.append("random/noop: the floor.")
     readers = [p for p in args.policies if p in READER_POLICIES]
     if readers:
-        parts.append(f"{', '.join(readers)} answer with the reader {args.model}; the answer is its last 'Answer:' line "
-                     "or \\boxed{}, else its first sentence (docs/eval.md; raw replies in the JSON, `raw_answers`).")
+        parts.append(f"{', '.join(readers)} answer with the reader {args.model}; the answer is its last <answer> tag, "
+                     "\\boxed{} or 'Answer:' line, else its first sentence (docs/eval.md; raw replies in the JSON, "
+                     "`raw_answers`).")
     if "no-memory" in args.policies and args.env_id.startswith("AtomMem/Synthetic"):
         parts.append("Synthetic facts are invented: without memory, 0 is the expected EM.")
     if "llm" in args.policies:

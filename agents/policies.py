@@ -210,10 +210,13 @@ def hop_reads(task: Task) -> list[tuple[str, str]]:
 
 
 def extract_answer(text: str) -> str:
-    r"""The short answer in a reader's reply: the last `\boxed{...}`, else what follows the last "Answer:" (the
-    literature's two conventions), else the reply's first sentence, and when that sentence reads "<...> is <answer>"
-    (small models restate the question: "The head of state of X is Y."), what follows its last is/was/are/were.
-    Surrounding quotes, `**` and a final period are dropped."""
+    r"""The short answer in a reader's reply: what the last `<answer>` tag holds (a reader trained on this env's
+    protocol answers in it), else, with any other tags dropped, the last `\boxed{...}`, else what follows the last
+    "Answer:" (the literature's two conventions), else the reply's first sentence, and when that sentence reads
+    "<...> is <answer>" (small models restate the question: "The head of state of X is Y."), what follows its last
+    is/was/are/were. Surrounding quotes, `**` and a final period are dropped."""
+    tagged = re.findall(r"<answer\b[^>]*>(.*?)</answer>", text, re.IGNORECASE | re.DOTALL)
+    text = tagged[-1] if tagged else re.sub(r"</?[A-Za-z_]\w*\b[^<>]*>", " ", text)
     boxed = last_boxed(text)
     if boxed is not None:
         answer = boxed

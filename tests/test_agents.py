@@ -360,11 +360,32 @@ class SentenceReader:
                                            ("Thinking...\nanswer: 'yes'", "yes"), ("so it is \\boxed{42}.", "42"),
                                            ("The head of state of Galrelstan is Poxbak Zothrurt. It is old.",
                                             "Poxbak Zothrurt"), ("Yes, it is.", "Yes, it is"),
-                                           ("Paris\nIt is old.", "Paris")])
+                                           ("Paris\nIt is old.", "Paris"),
+                                           ("<answer>Trullain Keaxquaik.</answer>", "Trullain Keaxquaik"),
+                                           ('<scratchpad>x</scratchpad>\n<answer q="1">Oslo</answer>', "Oslo"),
+                                           ("The firm is headquartered in Holm.</answer>", "headquartered in Holm")])
 def test_reader_answers_are_extracted_by_the_documented_rule(reply, answer):
     from agents.policies import extract_answer
 
     assert extract_answer(reply) == answer
+
+
+class TagReader:
+    """A reader trained on the env's own protocol (an SFT checkpoint) that closes its answer with the env's tag."""
+
+    def generate(self, batch):
+        from agents.backends import Generation
+
+        return [Generation("The tower is in Paris.</answer>") for _ in batch]
+
+
+@pytest.mark.parametrize("workflow", ["no-memory", "rag", "memagent", "write-only", "read-only"])
+def test_a_reader_reply_with_the_answer_tag_does_not_crash_the_episode(workflow):
+    from agents.evaluation import episode_schedules, make_vector_env
+    from agents.evaluation import run_episodes as run_scheduled
+    envs = make_vector_env("AtomMem/SyntheticEasy-v0", {"embedder": "hashing", "split": "eval"}, 2)
+    records = run_scheduled(envs, make_policy(workflow, generator=TagReader()), episode_schedules(2, 2), seed=0)
+    assert [r["answer"] for r in records] == [("in Paris",)] * 2 and not any(r["failed"] for r in records)
 
 
 def test_reader_workflows_score_the_extracted_answer_and_keep_the_raw_reply():
