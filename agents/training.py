@@ -55,8 +55,8 @@ def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int
     samples, episodes = [], []
     for record in records:
         for _, output in record["steps"]:
-            g = output.generation
-            if g is not None and g.completion_ids:  # none from a scripted policy or a failed generation (vLLM: long prompt)
+            g = output.generation  # None from a scripted policy; no ids from a failed generation (vLLM: long prompt)
+            if g is not None and g.completion_ids:
                 samples.append(StepSample(g.prompt_ids, g.completion_ids, g.logprobs, first_episode + record["slot"]))
         episodes.append({**{k: record[k] for k in ("em", "f1", "invalid_ops", "ops", "num_steps", "prompts_cut",
                                                    "prompt_tokens_cut")},

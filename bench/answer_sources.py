@@ -11,6 +11,9 @@ every answer is put in one class:
 - `look-alike`: an entity of a look-alike fact (a distractor one letter away from a chain entity);
 - `other`: anything else (a name from elsewhere in the document, or none of its names).
 Synthetic ids only: their tasks record the look-alike sentences.
+
+A second line per cell splits the episodes by the Reads they took (and whether they answered), with how
+many of each were right: which path through the memory a policy takes, and how often each path pays.
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ def answer_sources(report: dict) -> dict[str, dict[str, Counter]]:
     return sources
 
 
+def read_paths(records: list[dict]) -> dict[str, list]:
+    """{"<n> Reads" or "<n> Reads, no answer": [episodes, right]}, by number of Reads."""
+    paths: dict[str, list] = {}
+    for record in sorted(records, key=lambda r: (r["ops"]["read"], not r["ops"]["answer"])):
+        path = f"{record['ops']['read']} Reads" + ("" if record["ops"]["answer"] else ", no answer")
+        counts = paths.setdefault(path, [0, 0])
+        counts[0] += 1
+        counts[1] += int(record["em"])
+    return paths
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -88,3 +102,6 @@ if __name__ == "__main__":
             for length, counts in cells.items():
                 shown = ", ".join(f"{name} {counts[name]}" for name in CLASSES)
                 print(f"{path} {policy} {length}: {sum(counts.values())} episodes: {shown}")
+                paths = read_paths(report["results"][policy][length]["records"])
+                print(f"{path} {policy} {length}: by Reads (episodes, right): "
+                      + "; ".join(f"{name}: {n} ({right})" for name, (n, right) in paths.items()))

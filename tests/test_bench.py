@@ -97,14 +97,17 @@ def test_answer_sources_sorts_answers_by_the_fact_they_come_from(tmp_path):
     look_alike_object = dict(tasks[3].metadata)["look_alike_facts"][0].rstrip(".").split(" works for ")[-1]
     assert bridge == "Brevfeart Grithgryr" and look_alike_object == "Brudraiv Labs"
     answers = [gold[0], "", bridge, look_alike_object, "Nobody Anywhere"]
-    records = [{"task_index": i, "em": float(i == 0), "answer": [a] if a else [], "gold": [[g]]}
-               for i, (a, g) in enumerate(zip(answers, gold))]
+    reads = [2, 4, 1, 2, 2]
+    records = [{"task_index": i, "em": float(i == 0), "answer": [a] if a else [], "gold": [[g]],
+                "ops": {"read": n, "answer": int(bool(a))}} for i, (a, g, n) in enumerate(zip(answers, gold, reads))]
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"args": args, "results": {"llm": {"800": {"records": records}}}}))
     result = subprocess.run([sys.executable, "bench/answer_sources.py", str(report)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "llm 800: 5 episodes: right 1, none 1, earlier hop 1, look-alike 1, other 1" in result.stdout
+    assert "llm 800: by Reads (episodes, right): 1 Reads: 1 (0); 2 Reads: 3 (1); 4 Reads, no answer: 1 (0)" \
+        in result.stdout
 
 
 def test_answer_sources_rejects_reports_it_cannot_read(tmp_path):
