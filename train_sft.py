@@ -42,6 +42,9 @@ class Args:
     context_tokens: tuple[int, ...] = ()
     """document lengths of teacher episodes: train task i gets lengths[i % len(lengths)], so `400 400 800` makes
     two thirds 400 tokens (default: the env id's registered setting)"""
+    top_k: tuple[int, ...] = ()
+    """Read top-k of teacher episodes, taken in turn like --context-tokens: `2 6` gives train task i top_k[i % 2]
+    and replaces --env-kwargs' top_k there (default: --env-kwargs' or the id's; evaluation always uses those)"""
     chunk_tokens: int | None = None
     """chunk size of training and evaluation episodes (default: the env id's registered setting)"""
     env_kwargs: str = "{}"
@@ -134,12 +137,14 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
                               generator=make_generator(args.teacher_model, device="cpu") if needs_model else None)
     except ValueError as err:
         raise SystemExit(f"error: --teacher {args.teacher}: {err}")
-    lengths = args.context_tokens or (None,)
+    lengths, top_ks = args.context_tokens or (None,), args.top_k or (None,)
+    settings = [(lengths[i % len(lengths)], top_ks[i % len(top_ks)]) for i in range(args.num_train_episodes)]
     episodes = []
-    for length in dict.fromkeys(lengths):
-        tasks = [i for i in range(args.num_train_episodes) if lengths[i % len(lengths)] == length]
+    for length, top_k in dict.fromkeys(settings):
+        tasks = [i for i, setting in enumerate(settings) if setting == (length, top_k)]
         schedules = [[tasks[j] for j in schedule] for schedule in episode_schedules(len(tasks), args.num_envs)]
-        envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "train", length), len(schedules))
+        env_kwargs = trainer_env_kwargs(args, "train", length) | ({"top_k": top_k} if top_k else {})
+        envs = make_vector_env(args.env_id, env_kwargs, len(schedules))
         episodes += run_episodes(envs, teacher, schedules, seed=args.seed, keep_steps=True)
         envs.close()
     samples = [{"messages": output.messages or build_messages(observation, protocol), "completion": output.text}
@@ -225,6 +230,8 @@ if __name__ == "__main__":
     if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_prompt_tokens,
            args.num_train_episodes, args.max_completion_tokens) <= 0 or args.eval_episodes < 0:
         raise SystemExit("error: sizes and counts must be positive")
+    if any(k <= 0 for k in args.top_k):
+        raise SystemExit(f"error: --top-k must be positive, got {list(args.top_k)}")
     state = load_trainer_state(args.resume, "train_sft.py", ("optimizer", "scheduler", "step"))
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)

@@ -86,6 +86,7 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object"),
     (["--env-kwargs", "{top_k: 1}"], "--env-kwargs must be a JSON object"),
     (["--teacher", "bogus"], "--teacher bogus: unknown policy"),
+    (["--top-k", "2", "0"], "--top-k must be positive"),
 ])
 def test_sft_bad_flags(flags, message, tmp_path):
     result = _run("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags, timeout=300)
@@ -396,6 +397,21 @@ def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
     firsts = [s["messages"][-1]["content"] for s in samples if "\n\nChunk 1 of " in s["messages"][-1]["content"]]
     assert stats["teacher_episodes"] == 6
     assert sum("Chunk 1 of 2:" in text for text in firsts) == 4 and sum("Chunk 1 of 3:" in text for text in firsts) == 2
+
+
+def test_sft_teacher_episodes_take_the_read_top_ks_in_turn():
+    import train_sft
+
+    args = train_sft.Args(env_id="AtomMem/SyntheticEasy-v0", teacher="oracle-broad", context_tokens=(300, 300, 600),
+                          top_k=(1, 3), num_train_episodes=6, num_envs=2,
+                          env_kwargs='{"top_k": 2, "synthetic": {"hops": [1, 1], "distractors": 2, "volatility": 0}}')
+    samples, stats = train_sft.collect_teacher_samples(args)
+    answer_prompts = [s["messages"][-1]["content"] for s in samples if s["completion"].startswith("<answer>")]
+    assert stats["teacher_episodes"] == 6 and len(answer_prompts) == 6
+    # tasks 0..5 take top-k 1, 3, 1, 3, 1, 3 (replacing --env-kwargs' 2) and lengths 300, 300, 600 in turn
+    assert [text.count("[id ") for text in answer_prompts] == [1, 3, 1, 3, 1, 3]
+    firsts = [s["messages"][-1]["content"] for s in samples if "\n\nChunk 1 of " in s["messages"][-1]["content"]]
+    assert sum("Chunk 1 of 2:" in text for text in firsts) == 4
 
 
 def test_bf16_is_on_by_default_only_where_it_pays(tmp_path, monkeypatch):
