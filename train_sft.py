@@ -128,8 +128,8 @@ class Args:
 
 
 def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
-    """Runs the teacher on train-split tasks 0..N-1 (each at its --context-tokens length); one sample per step of
-    every kept episode."""
+    """Runs the teacher on train-split tasks 0..N-1 (each at its --context-tokens length and --top-k); one sample
+    per step of every kept episode."""
     protocol = protocol_of(args.env_id, args.env_kwargs)
     needs_model = args.teacher in READER_POLICIES + ("llm",)
     try:
