@@ -154,3 +154,42 @@ def test_bench_contention_rejects_bad_flags_before_any_work(flags):
     result = subprocess.run([sys.executable, "bench/bench_contention.py", *flags], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and "error: --backends takes hf and vllm" in result.stderr
+
+
+def _length_report(path, em_by_cell, policies=("llm",)):
+    cells = {cell: {"em": em, "em_stderr": 0.01, "records": []} for cell, em in em_by_cell.items()}
+    path.write_text(json.dumps({"args": {}, "results": {policy: cells for policy in policies}}))
+    return str(path)
+
+
+def _plot_lengths(*flags):
+    return subprocess.run([sys.executable, "bench/plot_em_vs_length.py", *flags], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_plot_em_vs_length_joins_reports_with_the_same_label(tmp_path):
+    short = _length_report(tmp_path / "a.json", {"800": 0.75, "4000": 0.8})
+    long = _length_report(tmp_path / "b.json", {"16000": 0.9})
+    grown = _length_report(tmp_path / "c.json", {"4000": 0.6}, policies=("llm", "rag"))
+    out = tmp_path / "fig.png"
+    result = _plot_lengths("--reports", short, long, grown, "--labels", "fixed", "fixed", "grown", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "fixed: 800 0.750 ± 0.010, 4000 0.800 ± 0.010, 16000 0.900 ± 0.010" in result.stdout
+    assert "grown: llm: 4000 0.600 ± 0.010" in result.stdout and "grown: rag: 4000 0.600 ± 0.010" in result.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_em_vs_length_refuses_a_length_twice_a_bad_report_and_mismatched_labels(tmp_path):
+    first = _length_report(tmp_path / "a.json", {"800": 0.75})
+    again = _length_report(tmp_path / "b.json", {"800": 0.5})
+    out = tmp_path / "fig.png"
+    result = _plot_lengths("--reports", first, again, "--labels", "x", "x", "--out", str(out))
+    assert result.returncode != 0 and "'x' already has a point at ['800']" in result.stderr
+    (tmp_path / "bad.json").write_text('{"results": [1]}')
+    result = _plot_lengths("--reports", str(tmp_path / "bad.json"), "--out", str(out))
+    assert result.returncode != 0 and "bad.json is not an eval.py JSON report" in result.stderr
+    result = _plot_lengths("--reports", str(tmp_path / "missing.json"), "--out", str(out))
+    assert result.returncode != 0 and "missing.json is not an eval.py JSON report" in result.stderr
+    result = _plot_lengths("--reports", first, "--labels", "x", "y", "--out", str(out))
+    assert result.returncode != 0 and "one --labels entry per report" in result.stderr
+    assert not out.exists()
