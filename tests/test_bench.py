@@ -14,8 +14,8 @@ answer_stats = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(answer_stats)
 
 
-def _plot(*flags):
-    return subprocess.run([sys.executable, "bench/plot_runs.py", *flags], cwd=REPO, capture_output=True, text=True,
+def _bench(script, *flags):
+    return subprocess.run([sys.executable, f"bench/{script}", *flags], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -28,8 +28,8 @@ def test_plot_runs_draws_each_tag_and_prints_first_and_last_values(tmp_path):
                 writer.add_scalar("rollout/reward_mean", reward, step)
         runs.append(str(run))
     out = tmp_path / "fig.png"
-    result = _plot("--runs", *runs, "--labels", "a", "b", "--tags", "rollout/reward_mean", "eval/em_400",
-                   "--out", str(out))
+    result = _bench("plot_runs.py", "--runs", *runs, "--labels", "a", "b", "--tags", "rollout/reward_mean",
+                    "eval/em_400", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "a: rollout/reward_mean 0.100 (step 0) -> 0.400 (step 2), 3 points" in result.stdout
     assert "b: rollout/reward_mean 0.000 (step 0) -> 0.500 (step 1), 2 points" in result.stdout
@@ -41,11 +41,11 @@ def test_plot_runs_draws_each_tag_and_prints_first_and_last_values(tmp_path):
 
 
 def test_plot_runs_rejects_a_directory_without_events_and_mismatched_labels(tmp_path):
-    result = _plot("--runs", str(tmp_path), "--out", str(tmp_path / "x.png"))
+    result = _bench("plot_runs.py", "--runs", str(tmp_path), "--out", str(tmp_path / "x.png"))
     assert result.returncode != 0 and "holds no TensorBoard event file" in result.stderr
-    result = _plot("--runs", str(tmp_path), "--labels", "a", "b", "--out", str(tmp_path / "x.png"))
+    result = _bench("plot_runs.py", "--runs", str(tmp_path), "--labels", "a", "b", "--out", str(tmp_path / "x.png"))
     assert result.returncode != 0 and "one --labels entry per run" in result.stderr
-    result = _plot("--runs", str(tmp_path), "--window", "0", "--out", str(tmp_path / "x.png"))
+    result = _bench("plot_runs.py", "--runs", str(tmp_path), "--window", "0", "--out", str(tmp_path / "x.png"))
     assert result.returncode != 0 and "--window must be at least 1" in result.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -162,17 +162,13 @@ def _length_report(path, em_by_cell, policies=("llm",)):
     return str(path)
 
 
-def _plot_lengths(*flags):
-    return subprocess.run([sys.executable, "bench/plot_em_vs_length.py", *flags], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_plot_em_vs_length_joins_reports_with_the_same_label(tmp_path):
     short = _length_report(tmp_path / "a.json", {"800": 0.75, "4000": 0.8})
     long = _length_report(tmp_path / "b.json", {"16000": 0.9})
     grown = _length_report(tmp_path / "c.json", {"4000": 0.6}, policies=("llm", "rag"))
     out = tmp_path / "fig.png"
-    result = _plot_lengths("--reports", short, long, grown, "--labels", "fixed", "fixed", "grown", "--out", str(out))
+    result = _bench("plot_em_vs_length.py", "--reports", short, long, grown, "--labels", "fixed", "fixed", "grown",
+                    "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "fixed: 800 0.750 ± 0.010, 4000 0.800 ± 0.010, 16000 0.900 ± 0.010" in result.stdout
     assert "grown: llm: 4000 0.600 ± 0.010" in result.stdout and "grown: rag: 4000 0.600 ± 0.010" in result.stdout
@@ -183,13 +179,13 @@ def test_plot_em_vs_length_refuses_a_length_twice_a_bad_report_and_mismatched_la
     first = _length_report(tmp_path / "a.json", {"800": 0.75})
     again = _length_report(tmp_path / "b.json", {"800": 0.5})
     out = tmp_path / "fig.png"
-    result = _plot_lengths("--reports", first, again, "--labels", "x", "x", "--out", str(out))
+    result = _bench("plot_em_vs_length.py", "--reports", first, again, "--labels", "x", "x", "--out", str(out))
     assert result.returncode != 0 and "'x' already has a point at ['800']" in result.stderr
     (tmp_path / "bad.json").write_text('{"results": [1]}')
-    result = _plot_lengths("--reports", str(tmp_path / "bad.json"), "--out", str(out))
+    result = _bench("plot_em_vs_length.py", "--reports", str(tmp_path / "bad.json"), "--out", str(out))
     assert result.returncode != 0 and "bad.json is not an eval.py JSON report" in result.stderr
-    result = _plot_lengths("--reports", str(tmp_path / "missing.json"), "--out", str(out))
+    result = _bench("plot_em_vs_length.py", "--reports", str(tmp_path / "missing.json"), "--out", str(out))
     assert result.returncode != 0 and "missing.json is not an eval.py JSON report" in result.stderr
-    result = _plot_lengths("--reports", first, "--labels", "x", "y", "--out", str(out))
+    result = _bench("plot_em_vs_length.py", "--reports", first, "--labels", "x", "y", "--out", str(out))
     assert result.returncode != 0 and "one --labels entry per report" in result.stderr
     assert not out.exists()
