@@ -261,10 +261,11 @@ if __name__ == "__main__":
             for length, documents in cells:
                 label = length_label(args.env_id, length, documents)
                 progress.set_description(f"{name} @ {label}")
+                kwargs = env_kwargs(args, length, documents)
                 policy = make_policy(name, generator=generator, protocol=protocol, seed=args.seed,
-                                     single_message=args.single_message)
+                                     single_message=args.single_message, enabled_ops=kwargs.get("enabled_ops"))
                 results.setdefault(name, {})[label] = evaluate_policy(
-                    policy, args.env_id, env_kwargs(args, length, documents), args.num_episodes, args.num_envs,
+                    policy, args.env_id, kwargs, args.num_episodes, args.num_envs,
                     args.seed, progress=progress.update,
                     on_records=trajectory_writer(trajectories, protocol, name, label) if trajectories else None)
 

@@ -134,6 +134,7 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
     needs_model = args.teacher in READER_POLICIES + ("llm",)
     try:
         teacher = make_policy(args.teacher, protocol=protocol, seed=args.seed,
+                              enabled_ops=trainer_env_kwargs(args, "train", None).get("enabled_ops"),
                               generator=make_generator(args.teacher_model, device="cpu") if needs_model else None)
     except ValueError as err:
         raise SystemExit(f"error: --teacher {args.teacher}: {err}")

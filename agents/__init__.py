@@ -38,15 +38,17 @@ def make_generator(model: str, *, endpoint: str | None = None, adapter: str | No
 
 
 def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: int = 0,
-                single_message: bool = False) -> Policy:
+                single_message: bool = False, enabled_ops=None) -> Policy:
     """A policy by name; reader workflows and `llm` take a generator (see make_generator); `single_message`: the
-    `llm` policy sends its system prompt inside the user message."""
+    `llm` policy sends its system prompt inside the user message; `enabled_ops`: the env's, for the oracles (which
+    Create where Update is off)."""
     if name == "noop":
         return NoOpPolicy()
     if name == "random":
         return RandomPolicy(seed)
     if name in ("oracle", "oracle-broad", "oracle-hops"):
-        return OraclePolicy(protocol, look_alikes=name != "oracle", read_per_hop=name == "oracle-hops")
+        return OraclePolicy(protocol, look_alikes=name != "oracle", read_per_hop=name == "oracle-hops",
+                            enabled_ops=enabled_ops)
     if name in READER_POLICIES and protocol != "atommem":
         raise ValueError(f"the {name} workflow writes the atommem protocol")
     if name == "no-memory":

@@ -18,6 +18,7 @@ Each takes a reader (an LLM backend) for summarising and answering.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +108,13 @@ class OraclePolicy(Policy):
     each hop's fact leads to, writing the facts followed so far to the scratchpad beside that Read (`hop_reads`), so
     the observation says which hop the Reads have reached.
 
+    The `oracle-hops` teacher also does nothing a student could not learn from the observation: before it Updates
+    a superseded fact it Reads the fact's subject (staying on the chunk), and Updates the entry that Read shows by
+    the id shown (if the Read does not show it, it Creates the new statement instead). The plain oracle Updates by
+    the id it remembers. With `enabled_ops` lacking "update" (the env's setting, for an ablation), every oracle
+    Creates the new statement beside the stale one. A stale statement and its successor in one chunk: only the
+    successor is stored.
+
     With `look_alikes=True` (the `oracle-broad` teacher) it also stores the task's distractor
     sentences about look-alike entities (synthetic tasks list them in `look_alike_facts`) as they
     come, and leaves telling them apart to the Read: the question names its entity exactly, so a
@@ -117,16 +125,19 @@ class OraclePolicy(Policy):
 
     name = "oracle"
 
-    def __init__(self, protocol: str = "atommem", look_alikes: bool = False, read_per_hop: bool = False):
+    def __init__(self, protocol: str = "atommem", look_alikes: bool = False, read_per_hop: bool = False,
+                 enabled_ops: Collection[str] | None = None):
         self.protocol = protocol
         self.look_alikes = look_alikes
         self.read_per_hop = read_per_hop
+        self.updates = enabled_ops is None or "update" in enabled_ops
         if look_alikes:
             self.name = "oracle-hops" if read_per_hop else "oracle-broad"
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
         self.pending: dict[int, list[str]] = {}  # slot -> keys of the Creates sent last step, in order
         self.stored: dict[int, set[str]] = {}  # slot -> fact texts written this episode
         self.reads_done: dict[int, int] = {}  # slot -> Reads sent in this episode's answer phase
+        self.updates_waiting: dict[int, list[SupportingFact]] = {}  # slot -> facts whose stale entry a Read is to show
 
     def act(self, observations, tasks=None, slots=None):
         if tasks is None or len(tasks) != len(observations):
@@ -177,15 +188,32 @@ class OraclePolicy(Policy):
             multi = len(task.questions) > 1
             return format_ops([Answer(q.answers[0], question=i + 1 if multi else None)
                                for i, q in enumerate(task.questions)])
-        ops, keys = [], []
-        for fact in self._new_facts(slot, obs, task):
+        ops, creates, waiting = [], {}, []  # creates: fact key -> index of its Create in ops
+
+        def store(fact: SupportingFact):
             key = fact.key or fact.text
-            if fact.key and key in ids:
-                ops.append(Update(fact.text, entry_id=ids[key]))
-            elif key not in keys:
+            if key in creates:  # the stale statement came in this same step: store its successor instead
+                ops[creates[key]] = Create(fact.text)
+            else:
+                creates[key] = len(ops)
                 ops.append(Create(fact.text))
-                keys.append(key)
-        self.pending[slot] = keys
+
+        for fact in self.updates_waiting.pop(slot, []) if not fresh else []:  # the Read sent last step shows ...
+            if f"[id {ids[fact.key]}]" in obs["retrieved"]:
+                ops.append(Update(fact.text, entry_id=ids[fact.key]))
+            else:
+                store(fact)
+        for fact in self._new_facts(slot, obs, task):
+            if not (fact.key in ids and self.updates):
+                store(fact)
+            elif self.read_per_hop:
+                waiting.append(fact)
+            else:
+                ops.append(Update(fact.text, entry_id=ids[fact.key]))
+        if waiting:
+            self.updates_waiting[slot] = waiting
+            ops += [Read(subject) for subject in dict.fromkeys(fact.key.split("|")[0] for fact in waiting)]
+        self.pending[slot] = list(creates)
         return format_ops(ops)
 
 

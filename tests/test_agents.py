@@ -335,11 +335,15 @@ def test_a_gguf_model_saves_and_reloads(tmp_path):
 
 
 def test_eval_env_kwargs_arrive_typed_and_flags_read_well(tmp_path):
-    result = _eval("--policies", "oracle", "--env-kwargs", '{"top_k": 1, "max_entries": null}', "--no-update",
-                   "--output-dir", str(tmp_path))
+    result = _eval("--policies", "oracle", "--env-kwargs", '{"top_k": 1, "max_entries": null, "synthetic": '
+                   '{"volatility": 1.0}}', "--no-update", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
-    args = json.loads((tmp_path / "eval.json").read_text())["args"]
-    assert args["update"] is False and json.loads(args["env_kwargs"]) == {"top_k": 1, "max_entries": None}
+    report = json.loads((tmp_path / "eval.json").read_text())
+    args = report["args"]
+    # the oracle hears of --no-update: it Creates the new statement of a superseded fact, never an invalid Update
+    assert all(cell["em"] == 1.0 and cell["invalid_ops_per_episode"] == 0 for cell in report["results"]["oracle"].values())
+    assert args["update"] is False and json.loads(args["env_kwargs"]) == {"top_k": 1, "max_entries": None,
+                                                                          "synthetic": {"volatility": 1.0}}
     usage = subprocess.run([sys.executable, "eval.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
     assert "--no-update" in usage and "--no-no-" not in usage and "report.json" not in usage
     grpo_usage = subprocess.run([sys.executable, "train_grpo.py", "--help"], cwd=REPO, capture_output=True,

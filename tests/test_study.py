@@ -1,5 +1,7 @@
 """The pieces of issue 24's study that run without training: the teacher that Reads once per hop."""
 
+import re
+
 import gymnasium as gym
 import pytest
 
@@ -59,3 +61,51 @@ def test_hop_reads_follow_the_chain_and_fall_back_to_the_question():
     hotpot = gym.make("AtomMem/SyntheticEasy-v0", embedder="hashing")
     hotpot.reset(seed=0)
     assert hop_reads(hotpot.unwrapped.task) == [(hotpot.unwrapped.task.questions[0].question, "")]
+
+
+VOLATILE = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 1.0}}
+
+
+def _teacher_episodes(name, extra, tasks=8, chunk_tokens=256, **policy_kwargs):
+    kwargs = make_env_kwargs("AtomMem/Synthetic-v0", split="train", embedder="hashing", context_tokens=800,
+                             chunk_tokens=chunk_tokens, extra=extra)
+    envs = make_vector_env("AtomMem/Synthetic-v0", kwargs, 2)
+    episodes = run_episodes(envs, make_policy(name, enabled_ops=extra.get("enabled_ops"), **policy_kwargs),
+                            [list(range(0, tasks, 2)), list(range(1, tasks, 2))], seed=0, keep_steps=True)
+    envs.close()
+    return episodes
+
+
+def test_the_hops_teacher_reads_the_subject_before_it_updates_the_entry_shown():
+    """Issue 24, item 3: a student sees no ids but the ones a Read shows, so the teacher Updates only those."""
+    episodes = _teacher_episodes("oracle-hops", VOLATILE, tasks=16)
+    assert all(e["em"] == 1.0 and e["invalid_ops"] == 0 for e in episodes)
+    assert sum(e["ops"]["update"] > 0 for e in episodes) >= 8
+    for e in episodes:
+        for (_, before), (obs, action) in zip(e["steps"], e["steps"][1:]):
+            for entry_id in re.findall(r'<update id="(\d+)">', action.text):
+                assert "<read>" in before.text and f"[id {entry_id}]" in obs["retrieved"]
+                assert obs["chunk_index"] < obs["num_chunks"]  # still reading: the Read kept the chunk
+
+
+@pytest.mark.parametrize("name", ["oracle", "oracle-hops"])
+def test_with_update_disabled_the_oracles_create_the_new_statement_instead(name):
+    episodes = _teacher_episodes(name, {**VOLATILE, "enabled_ops": ["create", "read", "delete", "scratchpad"]})
+    assert all(e["em"] == 1.0 and e["invalid_ops"] == 0 and e["ops"]["update"] == 0 for e in episodes)
+    full = _teacher_episodes(name, VOLATILE)
+    assert sum(e["ops"]["create"] for e in episodes) == sum(e["ops"]["create"] + e["ops"]["update"] for e in full)
+
+
+def test_a_stale_statement_and_its_successor_in_one_chunk_store_the_successor_only():
+    """Before: the oracle Created the stale statement and dropped its successor (same key, same step)."""
+    env = gym.make("AtomMem/Synthetic-v0", embedder="hashing", context_tokens=800, chunk_tokens=2000,
+                   synthetic={"hops": [1, 1], "distractors": 2, "volatility": 1.0})
+    oracle, superseded = make_policy("oracle"), 0
+    for seed in range(16):
+        obs, _ = env.reset(seed=seed)
+        facts = env.unwrapped.task.questions[0].supporting_facts
+        action = oracle.act([obs], [env.unwrapped.task])[0].text  # the one chunk
+        created = re.findall(r"<create>(.*?)</create>", action)
+        assert sorted(created) == sorted(f.text for f in facts if f.current)
+        superseded += any(not f.current for f in facts)
+    assert superseded >= 4  # the setting does hold superseded facts

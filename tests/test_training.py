@@ -388,6 +388,20 @@ def test_trainer_env_kwargs_reach_the_teacher_episodes():
     assert sum(s["completion"].count("<create>") for s in samples) == 4  # no look-alikes to store
 
 
+def test_the_sft_teacher_hears_of_disabled_operations():
+    import train_sft
+
+    volatile = '"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 1.0}'
+    completions = {}
+    for ops in ("", ', "enabled_ops": ["create", "read", "delete", "scratchpad"]'):
+        args = train_sft.Args(env_id="AtomMem/Synthetic-v0", teacher="oracle-hops", context_tokens=(800,),
+                              chunk_tokens=256, num_train_episodes=4, num_envs=2, env_kwargs="{" + volatile + ops + "}")
+        samples, stats = train_sft.collect_teacher_samples(args)
+        assert stats["teacher_em"] == 1.0 and stats["teacher_episodes"] == 4
+        completions[bool(ops)] = " ".join(s["completion"] for s in samples)
+    assert "<update id=" in completions[False] and "<update" not in completions[True]
+
+
 def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
     import train_sft
 
