@@ -198,7 +198,7 @@ class OraclePolicy(Policy):
                 creates[key] = len(ops)
                 ops.append(Create(fact.text))
 
-        for fact in self.updates_waiting.pop(slot, []) if not fresh else []:  # the Read sent last step shows ...
+        for fact in self.updates_waiting.pop(slot, []) if not fresh else []:  # last step's Read was for these
             if f"[id {ids[fact.key]}]" in obs["retrieved"]:
                 ops.append(Update(fact.text, entry_id=ids[fact.key]))
             else:
