@@ -130,7 +130,7 @@ class OraclePolicy(Policy):
         self.protocol = protocol
         self.look_alikes = look_alikes
         self.read_per_hop = read_per_hop
-        self.updates = enabled_ops is None or "update" in enabled_ops
+        self.can_update = enabled_ops is None or "update" in enabled_ops
         if look_alikes:
             self.name = "oracle-hops" if read_per_hop else "oracle-broad"
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
@@ -204,7 +204,7 @@ class OraclePolicy(Policy):
             else:
                 store(fact)
         for fact in self._new_facts(slot, obs, task):
-            if not (fact.key in ids and self.updates):
+            if not (fact.key in ids and self.can_update):
                 store(fact)
             elif self.read_per_hop:
                 waiting.append(fact)
@@ -212,9 +212,14 @@ class OraclePolicy(Policy):
                 ops.append(Update(fact.text, entry_id=ids[fact.key]))
         if waiting:
             self.updates_waiting[slot] = waiting
-            ops += [Read(subject) for subject in dict.fromkeys(fact.key.split("|")[0] for fact in waiting)]
+            ops += [Read(subject) for subject in dict.fromkeys(map(key_subject, waiting))]
         self.pending[slot] = list(creates)
         return format_ops(ops)
+
+
+def key_subject(fact: SupportingFact) -> str:
+    """The entity a synthetic fact is about: its key is `subject|relation`."""
+    return fact.key.split("|")[0]
 
 
 def hop_reads(task: Task) -> list[tuple[str, str]]:
@@ -227,13 +232,13 @@ def hop_reads(task: Task) -> list[tuple[str, str]]:
     facts = [f for f in question.supporting_facts if f.current and f.key]
     chain, text = [], question.question
     while facts:
-        hop = next((f for f in facts if f.key.split("|")[0] in text), None)
+        hop = next((f for f in facts if key_subject(f) in text), None)
         if hop is None:
             break
         facts.remove(hop)
         chain.append(hop)
         text = hop.text
-    return [(question.question, "")] + [(fact.key.split("|")[0], " ".join(f.text for f in chain[:i]))
+    return [(question.question, "")] + [(key_subject(fact), " ".join(f.text for f in chain[:i]))
                                         for i, fact in enumerate(chain[1:], start=1)]
 
 

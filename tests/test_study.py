@@ -11,16 +11,24 @@ from agents.evaluation import make_env_kwargs, make_vector_env, run_episodes
 from agents.policies import hop_reads
 
 TWO_HOP = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 0}}
+VOLATILE = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 1.0}}
+
+
+def _teacher_episodes(name, extra, tasks=8):
+    """The teacher on train tasks 0..tasks-1 in two envs, 800 tokens in 256-token chunks, steps kept."""
+    kwargs = make_env_kwargs("AtomMem/Synthetic-v0", split="train", embedder="hashing", context_tokens=800,
+                             chunk_tokens=256, extra=extra)
+    envs = make_vector_env("AtomMem/Synthetic-v0", kwargs, 2)
+    episodes = run_episodes(envs, make_policy(name, enabled_ops=extra.get("enabled_ops")),
+                            [list(range(0, tasks, 2)), list(range(1, tasks, 2))], seed=0, keep_steps=True)
+    envs.close()
+    return episodes
 
 
 @pytest.mark.parametrize("hops", [1, 2, 3])
 def test_the_hops_teacher_reads_once_per_hop_and_answers_right(hops):
     extra = {"synthetic": {"hops": [hops, hops], "distractors": 2, "volatility": 0}}
-    kwargs = make_env_kwargs("AtomMem/Synthetic-v0", split="train", embedder="hashing", context_tokens=800,
-                             chunk_tokens=256, extra=extra)
-    envs = make_vector_env("AtomMem/Synthetic-v0", kwargs, 2)
-    episodes = run_episodes(envs, make_policy("oracle-hops"), [[0, 2], [1, 3]], seed=0, keep_steps=True)
-    envs.close()
+    episodes = _teacher_episodes("oracle-hops", extra, tasks=4)
     assert all(e["em"] == 1.0 and e["ops"]["read"] == hops and e["invalid_ops"] == 0 for e in episodes)
     for e in episodes:
         reads = [out.text for _, out in e["steps"] if "<read>" in out.text]
@@ -61,19 +69,6 @@ def test_hop_reads_follow_the_chain_and_fall_back_to_the_question():
     hotpot = gym.make("AtomMem/SyntheticEasy-v0", embedder="hashing")
     hotpot.reset(seed=0)
     assert hop_reads(hotpot.unwrapped.task) == [(hotpot.unwrapped.task.questions[0].question, "")]
-
-
-VOLATILE = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 1.0}}
-
-
-def _teacher_episodes(name, extra, tasks=8, chunk_tokens=256, **policy_kwargs):
-    kwargs = make_env_kwargs("AtomMem/Synthetic-v0", split="train", embedder="hashing", context_tokens=800,
-                             chunk_tokens=chunk_tokens, extra=extra)
-    envs = make_vector_env("AtomMem/Synthetic-v0", kwargs, 2)
-    episodes = run_episodes(envs, make_policy(name, enabled_ops=extra.get("enabled_ops"), **policy_kwargs),
-                            [list(range(0, tasks, 2)), list(range(1, tasks, 2))], seed=0, keep_steps=True)
-    envs.close()
-    return episodes
 
 
 def test_the_hops_teacher_reads_the_subject_before_it_updates_the_entry_shown():
