@@ -109,7 +109,7 @@ class OraclePolicy(Policy):
     the observation says which hop the Reads have reached.
 
     The `oracle-hops` teacher also does nothing a student could not learn from the observation: before it Updates
-    a superseded fact it Reads the fact's subject (staying on the chunk), and Updates the entry that Read shows by
+    a superseded fact it Reads the fact's subject (first in its action, staying on the chunk), and Updates the entry that Read shows by
     the id shown (if the Read does not show it, it Creates the new statement instead). The plain oracle Updates by
     the id it remembers. With `enabled_ops` lacking "update" (the env's setting, for an ablation), every oracle
     Creates the new statement beside the stale one. A stale statement and its successor in one chunk: only the
@@ -212,7 +212,8 @@ class OraclePolicy(Policy):
                 ops.append(Update(fact.text, entry_id=ids[fact.key]))
         if waiting:
             self.updates_waiting[slot] = waiting
-            ops += [Read(subject) for subject in dict.fromkeys(map(key_subject, waiting))]
+            # First in the action: whether to Read is decided at the first token, with the chunk's cue in view.
+            ops[:0] = [Read(subject) for subject in dict.fromkeys(map(key_subject, waiting))]
         self.pending[slot] = list(creates)
         return format_ops(ops)
 
