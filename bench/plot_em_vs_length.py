@@ -11,7 +11,6 @@ is refused). Also prints every point, so the numbers quoted beside the figure co
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from join_reports import read_report  # noqa: E402  (this folder is on sys.path when run as a script)
 from eval import plot  # noqa: E402  (the figure eval.py draws for one report)
 
 
@@ -36,12 +36,8 @@ def merge_reports(reports: list[Path], labels: list[str]) -> dict[str, dict[str,
     """{"<label>: <policy>" (or the label alone for a one-policy report): {length cell: summary}}."""
     series: dict[str, dict[str, dict]] = {}
     for path, label in zip(reports, labels):
-        try:
-            results = json.loads(path.read_text(encoding="utf-8"))["results"]
-            cells = {policy: {cell: {"em": s["em"], "em_stderr": s["em_stderr"]} for cell, s in by_cell.items()}
-                     for policy, by_cell in results.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise SystemExit(f"error: {path} is not an eval.py JSON report ({err!r})") from None
+        cells = {policy: {cell: {"em": s["em"], "em_stderr": s["em_stderr"]} for cell, s in by_cell.items()}
+                 for policy, by_cell in read_report(path)["results"].items()}
         for policy, by_cell in cells.items():
             line = series.setdefault(label if len(cells) == 1 else f"{label}: {policy}", {})
             twice = sorted(set(line) & set(by_cell))

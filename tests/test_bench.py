@@ -157,8 +157,8 @@ def test_bench_contention_rejects_bad_flags_before_any_work(flags):
 
 
 def _length_report(path, em_by_cell, policies=("llm",)):
-    cells = {cell: {"em": em, "em_stderr": 0.01, "records": []} for cell, em in em_by_cell.items()}
-    path.write_text(json.dumps({"args": {}, "results": {policy: cells for policy in policies}}))
+    cells = {cell: {"em": em, "em_stderr": 0.01, "episodes": 64, "records": []} for cell, em in em_by_cell.items()}
+    path.write_text(json.dumps({"args": {"model": path.stem}, "results": {policy: cells for policy in policies}}))
     return str(path)
 
 
@@ -189,3 +189,37 @@ def test_plot_em_vs_length_refuses_a_length_twice_a_bad_report_and_mismatched_la
     result = _bench("plot_em_vs_length.py", "--reports", first, "--labels", "x", "y", "--out", str(out))
     assert result.returncode != 0 and "one --labels entry per report" in result.stderr
     assert not out.exists()
+
+
+def test_join_reports_keys_every_policy_and_length_with_the_report_it_came_from(tmp_path):
+    short = _length_report(tmp_path / "short.json", {"800": 0.75, "4000": 0.8})
+    long = _length_report(tmp_path / "long.json", {"16000": 0.9})
+    rag = _length_report(tmp_path / "rag.json", {"800": 0.1, "16000": 0.05}, policies=("rag",))
+    out = tmp_path / "joined.json"
+    result = _bench("join_reports.py", "--reports", short, long, rag, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "llm: 800 0.750 ± 0.010 (64 episodes), 4000 0.800 ± 0.010 (64 episodes), 16000 0.900" in result.stdout
+    joined = json.loads(out.read_text())
+    assert joined["joined_from"] == {short: {"model": "short"}, long: {"model": "long"}, rag: {"model": "rag"}}
+    assert {policy: {cell: s["source"] for cell, s in cells.items()} for policy, cells in joined["results"].items()} \
+        == {"llm": {"800": short, "4000": short, "16000": long}, "rag": {"800": rag, "16000": rag}}
+    assert joined["results"]["llm"]["800"]["em"] == 0.75 and "records" not in joined["results"]["llm"]["800"]
+    figure = tmp_path / "fig.png"  # the joined report plots like any other
+    result = _bench("plot_em_vs_length.py", "--reports", str(out), "--out", str(figure))
+    assert result.returncode == 0 and "joined: rag: 800 0.100 ± 0.010, 16000 0.050 ± 0.010" in result.stdout
+
+
+def test_join_reports_refuses_a_cell_twice_a_joined_source_and_what_is_not_a_report(tmp_path):
+    first = _length_report(tmp_path / "a.json", {"800": 0.75})
+    again = _length_report(tmp_path / "b.json", {"800": 0.5, "4000": 0.4})
+    out = tmp_path / "joined.json"
+    result = _bench("join_reports.py", "--reports", first, again, "--out", str(out))
+    assert result.returncode != 0 and f"b.json: llm at ['800'] is already in {first}" in result.stderr
+    assert not out.exists()
+    assert _bench("join_reports.py", "--reports", first, "--out", str(out)).returncode == 0
+    result = _bench("join_reports.py", "--reports", str(out), "--out", str(tmp_path / "again.json"))
+    assert result.returncode != 0 and "joined.json has no args" in result.stderr
+    (tmp_path / "bad.json").write_text('{"args": {}, "results": {"llm": {"800": {"f1": 1}}}}')
+    for bad in ("bad.json", "missing.json"):
+        result = _bench("join_reports.py", "--reports", str(tmp_path / bad), "--out", str(tmp_path / "x.json"))
+        assert result.returncode != 0 and f"{bad} is not an eval.py JSON report" in result.stderr
