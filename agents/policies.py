@@ -109,11 +109,11 @@ class OraclePolicy(Policy):
     the observation says which hop the Reads have reached.
 
     The `oracle-hops` teacher also does nothing a student could not learn from the observation: before it Updates
-    a superseded fact it Reads the fact's subject (first in its action, staying on the chunk), and Updates the entry that Read shows by
-    the id shown (if the Read does not show it, it Creates the new statement instead). The plain oracle Updates by
-    the id it remembers. With `enabled_ops` lacking "update" (the env's setting, for an ablation), every oracle
-    Creates the new statement beside the stale one. A stale statement and its successor in one chunk: only the
-    successor is stored.
+    a superseded fact it Reads the fact's subject (first in its action, staying on the chunk), and Updates the
+    entry that Read shows by the id shown (if the Read does not show it, it Creates the new statement instead).
+    The plain oracle Updates by the id it remembers. With `enabled_ops` lacking "update" (the env's setting, for an
+    ablation), every oracle Creates the new statement beside the stale one. A stale statement and its successor in
+    one chunk: only the successor is stored.
 
     With `look_alikes=True` (the `oracle-broad` teacher) it also stores the task's distractor
     sentences about look-alike entities (synthetic tasks list them in `look_alike_facts`) as they

@@ -7,8 +7,9 @@
 
 The commands behind the reports differ (model, number of episodes), so no one `args` stands for the joined
 report: `joined_from` keeps each source's path and args, and every cell names the report it came from
-(`source`), where its per-episode records stay (bench/answer_sources.py reads those). The same policy at the same length in two reports is refused, as is anything that is not an
-eval.py report. bench/plot_em_vs_length.py reads the joined report like any other.
+(`source`), where its per-episode records stay (bench/answer_sources.py reads those). The same policy at the
+same length in two reports is refused, as is anything that is not an eval.py report.
+bench/plot_em_vs_length.py reads the joined report like any other.
 """
 
 from __future__ import annotations
