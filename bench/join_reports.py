@@ -41,6 +41,11 @@ def read_report(path: Path) -> dict:
     return report
 
 
+def by_length(cells: dict[str, dict]) -> list[tuple[str, dict]]:
+    """A policy's cells in the order of their length ("800" before "4000"); other cells ("400docs") first."""
+    return sorted(cells.items(), key=lambda item: int(item[0]) if item[0].isdigit() else -1)
+
+
 def join_reports(paths: list[Path]) -> dict:
     joined = {"joined_from": {}, "results": {}}
     for path in paths:
@@ -64,7 +69,6 @@ if __name__ == "__main__":
     joined = join_reports([Path(r) for r in args.reports])
     Path(args.out).write_text(json.dumps(joined, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for policy, cells in joined["results"].items():
-        points = sorted(cells.items(), key=lambda item: int(item[0]) if item[0].isdigit() else -1)
         print(f"{policy}: " + ", ".join(f"{cell} {s['em']:.3f} ± {s['em_stderr']:.3f} ({s['episodes']} episodes)"
-                                        for cell, s in points))
+                                        for cell, s in by_length(cells)))
     print(f"wrote {args.out}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from join_reports import read_report  # noqa: E402  (this folder is on sys.path when run as a script)
+from join_reports import by_length, read_report  # noqa: E402  (this folder is on sys.path when run as a script)
 from eval import plot  # noqa: E402  (the figure eval.py draws for one report)
 
 
@@ -54,7 +54,7 @@ if __name__ == "__main__":
     paths = [Path(r) for r in args.reports]
     series = merge_reports(paths, args.labels or [p.stem for p in paths])
     for name, by_cell in series.items():
-        points = sorted(by_cell.items(), key=lambda item: int(item[0]) if item[0].isdigit() else -1)
+        points = by_length(by_cell)
         print(f"{name}: " + ", ".join(f"{cell} {s['em']:.3f} ± {s['em_stderr']:.3f}" for cell, s in points))
     plot(series, Path(args.out))
     print(f"wrote {args.out}")
