@@ -223,14 +223,20 @@ if __name__ == "__main__":
         raise SystemExit("error: --num-episodes, --num-envs and --num-documents must be positive, --context-tokens "
                          ">= 0, --temperature >= 0")
     cells = [(t or None, None) for t in args.context_tokens] + [(None, d) for d in args.num_documents] or [(None, None)]
-    try:  # fail before any model loads if the env arguments are wrong
+    try:  # fail before any model loads if the env arguments are wrong or a task cannot be built
         for length, documents in cells:
             env = gym.make(args.env_id, **env_kwargs(args, length, documents))
-            tasks = env.unwrapped.task_source.num_tasks
+            source = env.unwrapped.task_source
             env.close()
-            if tasks is not None and args.num_episodes > tasks:
-                raise ValueError(f"--num-episodes {args.num_episodes} is more than the {tasks} tasks of the "
-                                 f"{args.split} split here ({length_label(args.env_id, length, documents)})")
+            label = length_label(args.env_id, length, documents)
+            if source.num_tasks is not None and args.num_episodes > source.num_tasks:
+                raise ValueError(f"--num-episodes {args.num_episodes} is more than the {source.num_tasks} tasks of "
+                                 f"the {args.split} split here ({label})")
+            for index in range(args.num_episodes):  # a task that cannot be built would end the run at its reset
+                try:
+                    source.get(index)
+                except (ValueError, RuntimeError) as err:
+                    raise ValueError(f"task {index} of the {args.split} split ({label}) cannot be built: {err}")
     except (ValueError, TypeError) as err:  # TypeError: an argument the env does not take
         raise SystemExit(f"error: {err}")
 

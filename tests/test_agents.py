@@ -316,6 +316,15 @@ def test_eval_bad_flags_fail_clearly(flags, message):
     assert result.returncode != 0 and message in result.stderr + result.stdout
 
 
+def test_eval_names_a_task_that_cannot_be_built_before_any_episode_runs(tmp_path):
+    """A 32k evaluation once ran 33 minutes, met a task the generator could not build and lost every episode."""
+    kwargs = '{"synthetic": {"hops": [2, 2], "distractors": 6, "volatility": 0, "name_pool": 8}}'  # eval task 6 fails
+    result = _eval("--policies", "oracle", "--num-episodes", "8", "--env-kwargs", kwargs, "--output-dir", str(tmp_path),
+                   timeout=120)
+    assert result.returncode != 0 and "task 6 of the eval split (300) cannot be built" in result.stderr
+    assert "name_pool=8 is too small" in result.stderr and not list(tmp_path.iterdir())
+
+
 def test_a_gguf_model_saves_and_reloads(tmp_path):
     """SmolLM2 from its GGUF file: transformers marked it quantized and refused to save it after training."""
     import importlib.util

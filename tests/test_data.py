@@ -1,3 +1,4 @@
+import hashlib
 import json
 import re
 import warnings
@@ -180,6 +181,22 @@ def test_synthetic_tasks_list_their_look_alike_distractors():
             assert any(len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
                        for a in look_alike.split() for b in words)
     assert generate_task(0, distractors=0).meta["look_alike_facts"] == ()
+
+
+def test_synthetic_look_alikes_do_not_run_out_in_long_look_alike_settings():
+    """160 look-alikes (2.5 per 1k tokens at 64k) need ~80 variants of one name: more than one letter gives."""
+    for seed in (3, 4, 60, 153):  # seeds whose one-letter variants ran out ("could not draw a look-alike name")
+        task = generate_task(seed, hops=(2, 2), distractors=160, volatility=0.0, context_tokens=1)
+        look_alikes = task.meta["look_alike_facts"]
+        assert len(look_alikes) == 160 and len(set(look_alikes)) == 160
+        chain = {w for f in task.questions[0].supporting_facts for w in f.text.rstrip(".").split()}
+        for look_alike in look_alikes:  # one or two letters away from a word of the question's chain
+            assert any(len(a) == len(b) and 1 <= sum(x != y for x, y in zip(a, b)) <= 2
+                       for a in look_alike.rstrip(".").split() for b in chain)
+    # Tasks that built before keep every draw: their look-alikes are the same sentences.
+    digest = hashlib.sha256("\n".join(generate_task(0, hops=(2, 2), distractors=80, volatility=0.0,
+                                                     context_tokens=1).meta["look_alike_facts"]).encode())
+    assert digest.hexdigest()[:16] == "bb0c2a1f5e43c742"
 
 
 def test_synthetic_volatile_facts_are_superseded_later():

@@ -12,7 +12,8 @@ A task is built from its seed alone:
    value has facts of its own, so an agent that never updates its memory answers wrongly.
    With the same probability the answer entity is renamed after it was mentioned
    ("X was renamed Y"), and the gold answer is the current name.
-4. `distractors` facts about look-alike entities (one letter changed) with the same relations;
+4. `distractors` facts about look-alike entities (one letter changed; more once a name's
+   one-letter variants are taken, as with ~40 look-alikes of one name) with the same relations;
    their sentences are listed in the task's metadata as `look_alike_facts`.
    With `name_pool=N`, every entity name (not the look-alikes) is drawn from a fixed inventory
    of N invented names per kind, the same for every task: answers come from a closed set a
@@ -143,15 +144,23 @@ class SyntheticWorld:
         raise RuntimeError("could not draw a fresh entity name")
 
     def look_alike(self, name: str) -> str:
-        """The same name with one letter of its first word changed."""
+        """The same name with one letter of its first word changed; more letters once those variants are taken.
+
+        A long look-alike setting (160 at 64k tokens) needs ~80 variants of one name, more than a short first
+        word has one-letter ones; the one-letter draws come first and unchanged, so smaller settings keep their tasks.
+        """
         letters = "aeioulnrst"
-        for _ in range(1000):
-            pos = int(self.rng.integers(1, max(2, name.find(" ") if " " in name else len(name))))
-            candidate = name[:pos] + letters[self.rng.integers(len(letters))] + name[pos + 1:]
-            if candidate != name and candidate not in self.names:
-                self.names.add(candidate)
-                return candidate
-        raise RuntimeError("could not draw a look-alike name")
+        end = max(2, name.find(" ") if " " in name else len(name))  # the first word's letters after its initial
+        for changes in range(1, end):
+            for _ in range(1000):
+                candidate = name
+                for _ in range(changes):
+                    pos = int(self.rng.integers(1, end))
+                    candidate = candidate[:pos] + letters[self.rng.integers(len(letters))] + candidate[pos + 1:]
+                if candidate != name and candidate not in self.names:
+                    self.names.add(candidate)
+                    return candidate
+        raise RuntimeError(f"could not draw a look-alike of {name!r}: its variants are all taken")
 
     def chain(self, hops: int) -> tuple[list[str], list[Relation]]:
         """A start entity and `hops` relations, each object a fresh entity."""
