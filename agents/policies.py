@@ -223,15 +223,11 @@ def key_subject(fact: SupportingFact) -> str:
     return fact.key.split("|")[0]
 
 
-def hop_reads(task: Task) -> list[tuple[str, str]]:
-    """One (query, scratchpad) per hop: the question with no note, then for each later hop the entity the previous
-    hop's fact names (the next fact's subject: a query that ranks that fact above the previous hop's look-alikes,
-    which the fact's whole text would not), with the facts followed so far as the scratchpad note.
-    Synthetic facts carry `subject|relation` keys; the chain starts at the fact whose subject the question names
-    and follows the subject each fact names. Without keys (real datasets): the question alone."""
-    question = task.questions[0]
-    facts = [f for f in question.supporting_facts if f.current and f.key]
-    chain, text = [], question.question
+def hop_chain(task: Task) -> list[SupportingFact]:
+    """The first question's current facts in hop order: the one whose subject the question names, then each fact
+    whose subject the previous one names. Synthetic facts carry `subject|relation` keys; without keys: empty."""
+    facts = [f for f in task.questions[0].supporting_facts if f.current and f.key]
+    chain, text = [], task.questions[0].question
     while facts:
         hop = next((f for f in facts if key_subject(f) in text), None)
         if hop is None:
@@ -239,8 +235,17 @@ def hop_reads(task: Task) -> list[tuple[str, str]]:
         facts.remove(hop)
         chain.append(hop)
         text = hop.text
-    return [(question.question, "")] + [(key_subject(fact), " ".join(f.text for f in chain[:i]))
-                                        for i, fact in enumerate(chain[1:], start=1)]
+    return chain
+
+
+def hop_reads(task: Task) -> list[tuple[str, str]]:
+    """One (query, scratchpad) per hop: the question with no note, then for each later hop the entity the previous
+    hop's fact names (the next fact's subject: a query that ranks that fact above the previous hop's look-alikes,
+    which the fact's whole text would not), with the facts followed so far as the scratchpad note.
+    Without keyed facts (real datasets): the question alone."""
+    chain = hop_chain(task)
+    return [(task.questions[0].question, "")] + [(key_subject(fact), " ".join(f.text for f in chain[:i]))
+                                                 for i, fact in enumerate(chain[1:], start=1)]
 
 
 def extract_answer(text: str) -> str:

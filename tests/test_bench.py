@@ -223,3 +223,19 @@ def test_join_reports_refuses_a_cell_twice_a_joined_source_and_what_is_not_a_rep
     for bad in ("bad.json", "missing.json"):
         result = _bench("join_reports.py", "--reports", str(tmp_path / bad), "--out", str(tmp_path / "x.json"))
         assert result.returncode != 0 and f"{bad} is not an eval.py JSON report" in result.stderr
+
+
+def test_read_rank_finds_every_hop_in_the_top_six_with_two_look_alikes_and_refuses_bad_flags():
+    flags = ["--context-tokens", "800", "--num-tasks", "8", "--top-ks", "1", "6", "--env-kwargs",
+             '{"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 0}}']
+    result = _bench("read_rank.py", *flags)
+    assert result.returncode == 0, result.stderr
+    assert "train split, 800 tokens, 8 tasks, 2.0 look-alike sentences a task" in result.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"1", "2", "all"}
+    assert rows["all"][-1] == "1.000" and float(rows["all"][0]) < 1  # the hop-1 fact names the next subject too
+    for bad, message in ((["--env-kwargs", "{not json"], "--env-kwargs is not JSON"),
+                         (["--env-id", "AtomMem/HotpotQA-v0"], "is not a synthetic env id"),
+                         (["--top-ks", "0"], "must be positive")):
+        result = _bench("read_rank.py", "--num-tasks", "2", *bad)
+        assert result.returncode != 0 and message in result.stderr
