@@ -63,11 +63,14 @@ if __name__ == "__main__":
         extra = json.loads(args.env_kwargs)
     except json.JSONDecodeError as err:
         raise SystemExit(f"error: --env-kwargs is not JSON: {err}")
-    env = gym.make(args.env_id, **make_env_kwargs(args.env_id, split=args.split, embedder=args.embedder,
-                                                 context_tokens=args.context_tokens, extra=extra))
-    source, embedder = env.unwrapped.task_source, env.unwrapped.memory.embedder
-    env.close()
-    tasks = [source.get(i) for i in range(args.num_tasks)]
+    try:
+        env = gym.make(args.env_id, **make_env_kwargs(args.env_id, split=args.split, embedder=args.embedder,
+                                                     context_tokens=args.context_tokens, extra=extra))
+        source, embedder = env.unwrapped.task_source, env.unwrapped.memory.embedder
+        env.close()
+        tasks = [source.get(i) for i in range(args.num_tasks)]
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"error: the env or its tasks cannot be built with these arguments: {err}")
     ranks = [gold_ranks(task, embedder) for task in tasks]
     hops = max(map(len, ranks))
     look_alikes = np.mean([len(t.meta.get("look_alike_facts", ())) for t in tasks])

@@ -236,6 +236,7 @@ def test_read_rank_finds_every_hop_in_the_top_six_with_two_look_alikes_and_refus
     assert rows["all"][-1] == "1.000" and float(rows["all"][0]) < 1  # the hop-1 fact names the next subject too
     for bad, message in ((["--env-kwargs", "{not json"], "--env-kwargs is not JSON"),
                          (["--env-id", "AtomMem/HotpotQA-v0"], "is not a synthetic env id"),
-                         (["--top-ks", "0"], "must be positive")):
+                         (["--top-ks", "0"], "must be positive"),
+                         (["--env-kwargs", '{"synthetic": {"hops": [0, 0]}}'], "cannot be built with these arguments")):
         result = _bench("read_rank.py", "--num-tasks", "2", *bad)
         assert result.returncode != 0 and message in result.stderr
