@@ -9,7 +9,6 @@ students store: one entry per sentence), Reads with the teacher's per-hop querie
 then each hop's subject) and prints, per hop, the share of tasks whose gold fact is among the top k entries for
 each k, and the share of tasks where every hop's fact is. No model: it measures the retrieval, not the policy.
 """
-import json
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -17,7 +16,7 @@ import numpy as np
 import tyro
 
 import atommem_env
-from agents.evaluation import make_env_kwargs
+from agents.evaluation import make_env_kwargs, parse_env_kwargs
 from agents.policies import hop_chain, hop_reads
 from atommem_env.memory import VectorMemory
 
@@ -60,9 +59,9 @@ if __name__ == "__main__":
     if args.num_tasks <= 0 or not args.top_ks or min(args.top_ks) <= 0:
         raise SystemExit("error: --num-tasks and every --top-ks must be positive")
     try:
-        extra = json.loads(args.env_kwargs)
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"error: --env-kwargs is not JSON: {err}")
+        extra = parse_env_kwargs(args.env_kwargs)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     try:
         env = gym.make(args.env_id, **make_env_kwargs(args.env_id, split=args.split, embedder=args.embedder,
                                                      context_tokens=args.context_tokens, extra=extra))

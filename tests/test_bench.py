@@ -234,7 +234,8 @@ def test_read_rank_finds_every_hop_in_the_top_six_with_two_look_alikes_and_refus
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
     assert set(rows) == {"1", "2", "all"}
     assert rows["all"][-1] == "1.000" and float(rows["all"][0]) < 1  # the hop-1 fact names the next subject too
-    for bad, message in ((["--env-kwargs", "{not json"], "--env-kwargs is not JSON"),
+    for bad, message in ((["--env-kwargs", "{not json"], "--env-kwargs must be a JSON object"),
+                         (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object, got list"),
                          (["--env-id", "AtomMem/HotpotQA-v0"], "is not a synthetic env id"),
                          (["--top-ks", "0"], "must be positive"),
                          (["--env-kwargs", '{"synthetic": {"hops": [0, 0]}}'], "cannot be built with these arguments")):
