@@ -27,6 +27,7 @@ from agents.prompt import encode_prompt
 from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, default_bf16,
                              evaluate_and_log, hparams_table, load_trainer_state, make_accelerator, pack,
                              peak_memory_mb, save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
+from atommem_env.protocols import Delete, Read, Update, parse_action
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Args:
     """teacher episodes to collect"""
     only_successful: bool = True
     """keep only teacher episodes that scored EM 1"""
+    repeat_update_steps: int = 1
+    """times each teacher step that Updates or Deletes becomes a sample, and so does a Read step just before it (the
+    Read that showed the entry's id): a rare decision weighs more (teacher episodes only; 1: once, like any step)"""
     num_envs: int = 8
     """vector envs for teacher rollouts and evaluation"""
     model: str = "tiny"
@@ -148,10 +152,29 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
         envs = make_vector_env(args.env_id, env_kwargs, len(schedules))
         episodes += run_episodes(envs, teacher, schedules, seed=args.seed, keep_steps=True)
         envs.close()
-    samples = [{"messages": output.messages or build_messages(observation, protocol), "completion": output.text}
-               for e in sorted(episodes, key=lambda e: e["task_index"]) if e["em"] == 1.0 or not args.only_successful
-               for observation, output in e["steps"]]
-    return samples, {"teacher_em": float(np.mean([e["em"] for e in episodes])), "teacher_episodes": len(episodes)}
+    samples, repeated = [], 0
+    for e in sorted(episodes, key=lambda e: e["task_index"]):
+        if e["em"] == 1.0 or not args.only_successful:
+            for (observation, output), times in zip(e["steps"], step_repeats(e["steps"], protocol,
+                                                                             args.repeat_update_steps)):
+                samples += [{"messages": output.messages or build_messages(observation, protocol),
+                             "completion": output.text}] * times
+                repeated += times - 1
+    return samples, {"teacher_em": float(np.mean([e["em"] for e in episodes])), "teacher_episodes": len(episodes),
+                     "repeated_samples": repeated}
+
+
+def step_repeats(steps: list, protocol: str, times: int) -> list[int]:
+    """How often each step of an episode becomes a sample: `times` for a step that Updates or Deletes and for a
+    Read step just before it, once for any other."""
+    kinds = [{type(op) for op in parse_action(output.text, protocol).ops} for _, output in steps]
+    repeats = [1] * len(steps)
+    for i, step_kinds in enumerate(kinds):
+        if step_kinds & {Update, Delete}:
+            repeats[i] = times
+            if i and Read in kinds[i - 1]:
+                repeats[i - 1] = times
+    return repeats
 
 
 def read_trajectories(path: str) -> list[dict]:
@@ -228,8 +251,10 @@ if __name__ == "__main__":
     check_backend_args(args)
     if args.trajectories and not Path(args.trajectories).is_file():
         raise SystemExit(f"error: --trajectories {args.trajectories} does not exist")
+    if args.trajectories and args.repeat_update_steps != 1:
+        raise SystemExit("error: --repeat-update-steps needs teacher episodes; a --trajectories file has no steps")
     if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_prompt_tokens,
-           args.num_train_episodes, args.max_completion_tokens) <= 0 or args.eval_episodes < 0:
+           args.num_train_episodes, args.max_completion_tokens, args.repeat_update_steps) <= 0 or args.eval_episodes < 0:
         raise SystemExit("error: sizes and counts must be positive")
     if any(k <= 0 for k in args.top_k):
         raise SystemExit(f"error: --top-k must be positive, got {list(args.top_k)}")

@@ -87,6 +87,8 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--env-kwargs", "{top_k: 1}"], "--env-kwargs must be a JSON object"),
     (["--teacher", "bogus"], "--teacher bogus: unknown policy"),
     (["--top-k", "2", "0"], "--top-k must be positive"),
+    (["--repeat-update-steps", "0"], "sizes and counts must be positive"),
+    (["--repeat-update-steps", "3", "--trajectories", "tests/fixtures/2wiki_dev_sample.json"], "needs teacher episodes"),
 ])
 def test_sft_bad_flags(flags, message, tmp_path):
     result = _run("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags, timeout=300)
@@ -400,6 +402,23 @@ def test_the_sft_teacher_hears_of_disabled_operations():
         assert stats["teacher_em"] == 1.0 and stats["teacher_episodes"] == 4
         completions[bool(ops)] = " ".join(s["completion"] for s in samples)
     assert "<update id=" in completions[False] and "<update" not in completions[True]
+
+
+def test_update_steps_and_the_read_before_them_repeat_as_asked():
+    """Issue 24, item 3: the Read-then-Update pair is ~8% of the samples; --repeat-update-steps weighs it more."""
+    import train_sft
+
+    kwargs = dict(env_id="AtomMem/Synthetic-v0", teacher="oracle-hops", context_tokens=(800,), chunk_tokens=256,
+                  num_train_episodes=4, num_envs=2,
+                  env_kwargs='{"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 1.0}}')
+    once, once_stats = train_sft.collect_teacher_samples(train_sft.Args(**kwargs))
+    thrice, stats = train_sft.collect_teacher_samples(train_sft.Args(**kwargs, repeat_update_steps=3))
+    updates = [i for i, s in enumerate(once) if "<update id=" in s["completion"]]
+    assert updates and once_stats["repeated_samples"] == 0
+    assert all(once[i - 1]["completion"].startswith("<read>") for i in updates)
+    pairs = {j for i in updates for j in (i - 1, i)}
+    assert thrice == [s for i, s in enumerate(once) for _ in range(3 if i in pairs else 1)]
+    assert stats["repeated_samples"] == 2 * len(pairs) and stats["teacher_em"] == 1.0
 
 
 def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
