@@ -241,3 +241,51 @@ def test_read_rank_finds_every_hop_in_the_top_six_with_two_look_alikes_and_refus
                          (["--env-kwargs", '{"synthetic": {"hops": [0, 0]}}'], "cannot be built with these arguments")):
         result = _bench("read_rank.py", "--num-tasks", "2", *bad)
         assert result.returncode != 0 and message in result.stderr
+
+
+def test_update_steps_sorts_what_a_policy_did_with_each_superseded_fact(tmp_path):
+    import gymnasium as gym
+
+    import atommem_env  # noqa: F401  (registers the ids)
+
+    synthetic = {"hops": [2, 2], "distractors": 2, "volatility": 1.0}
+    args = {"env_id": "AtomMem/Synthetic-v0", "split": "train", "chunk_tokens": 256,
+            "env_kwargs": json.dumps({"synthetic": synthetic})}
+    env = gym.make(args["env_id"], split="train", embedder="hashing", context_tokens=800, chunk_tokens=256,
+                   synthetic=synthetic)
+    pairs = {}
+    for i in range(32):
+        facts = [f for q in env.unwrapped.task_source.get(i).questions for f in q.supporting_facts]
+        stale = [f for f in facts if not f.current]
+        if len(stale) == 1:
+            pairs[i] = (stale[0].text, next(f.text for f in facts if f.key == stale[0].key and f.current))
+    env.close()
+    (a, b, c, d) = list(pairs)[:4]
+
+    def step(task, shown, ops, em):
+        prompt = "Question: ...\n\nRetrieved:\n" + "\n".join(f"[id {n}] {text}" for n, text in shown)
+        return {"episode_id": f"llm/800/{task}", "task_index": task, "step": 0, "messages": [{"content": prompt}],
+                "ops": ops, "em": em, "reward": em, "prompt_token_ids": [], "completion_token_ids": [],
+                "policy": "llm", "cell": "800"}
+    lines = [
+        step(a, [(3, pairs[a][0])], [{"op": "update", "entry_id": 3, "text": pairs[a][1].upper()}], 1.0),
+        step(b, [], [{"op": "create", "text": pairs[b][1]}], 0.0),
+        step(c, [(2, "A quiet bridge was visited last spring.")],
+             [{"op": "update", "entry_id": 7, "text": pairs[c][1]}, {"op": "update", "entry_id": 2, "text": "x"}], 0.0),
+        step(d, [(3, pairs[d][0])], [{"op": "update", "entry_id": 3, "text": "Somebody lives somewhere."}], 0.0),
+    ]
+    trajectories = tmp_path / "t.jsonl"
+    trajectories.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"args": args, "results": {"llm": {"800": {"em": 0.25, "em_stderr": 0.2,
+                                                                           "episodes": 4}}}}))
+    result = _bench("update_steps.py", "--report", str(report), "--trajectories", str(trajectories))
+    assert result.returncode == 0, result.stderr
+    assert ("llm 800: 4 episodes; superseded facts: updated 1 (1 right); created beside 1 (0 right); missed 2 "
+            "(0 right); Updates: stale -> new 1, stale -> other 1, other entry 1, id not shown 1") in result.stdout
+
+    for flags, message in ((["--trajectories", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+                           (["--report", str(trajectories)], "is not an eval.py JSON report")):
+        given = {"--report": str(report), "--trajectories": str(trajectories)} | dict([flags])
+        result = _bench("update_steps.py", *[x for pair in given.items() for x in pair])
+        assert result.returncode != 0 and message in result.stderr
