@@ -11,7 +11,8 @@ handling of it is one of:
 - `missed`: neither: the new value never reached memory.
 Every Update the policy made is one of `stale -> new` (the case above), `stale -> other` (the stale entry
 rewritten with other text), `other entry` (an entry shown with other text: a fact it may still need), `id not
-shown` (no entry of that id in the step's prompt). Statements match by their distinguishing words: the new
+shown` (no entry of that id in the step's prompt); and how many took the first entry the prompt showed (a
+Read's best match). Statements match by their distinguishing words: the new
 value's words that the stale one lacks, and the reverse, so a copy with other punctuation still counts.
 """
 
@@ -60,15 +61,18 @@ def carries(text: str, statement: str, other: str) -> bool:
     return bool(own) and own <= words(text)
 
 
-def episode_classes(steps: list[dict], pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """(a FACT_CLASSES entry per superseded pair, an UPDATE_CLASSES entry per Update op) of one episode."""
+def episode_classes(steps: list[dict], pairs: list[tuple[str, str]]) -> tuple[list[str], list[str], int]:
+    """(a FACT_CLASSES entry per superseded pair, an UPDATE_CLASSES entry per Update op, Updates of the first
+    entry shown) of one episode."""
     updates, facts = [], []
-    updated_pairs = set()
+    updated_pairs, on_first = set(), 0
     for step in steps:
-        shown = dict(SHOWN_ENTRY.findall(step["messages"][-1]["content"]))
+        shown_in_order = SHOWN_ENTRY.findall(step["messages"][-1]["content"])
+        shown = dict(shown_in_order)
         for op in step["ops"]:
             if op["op"] != "update":
                 continue
+            on_first += bool(shown_in_order) and shown_in_order[0][0] == str(op["entry_id"])
             old = shown.get(str(op["entry_id"]))
             hit = next((pair for pair in pairs if old is not None and carries(old, *pair)), None)
             if old is None:
@@ -88,11 +92,12 @@ def episode_classes(steps: list[dict], pairs: list[tuple[str, str]]) -> tuple[li
             facts.append("created beside")
         else:
             facts.append("missed")
-    return facts, updates
+    return facts, updates, on_first
 
 
 def update_steps(report: dict, lines: list[dict]) -> dict[str, dict]:
-    """{"<policy> <cell>": {"facts": {class: [episodes, right]}, "updates": Counter, "episodes": n}}."""
+    """{"<policy> <cell>": {"facts": {class: [episodes, right]}, "updates": Counter, "on_first": n,
+    "episodes": n}}."""
     episodes: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
         episodes[line["episode_id"]].append(line)
@@ -105,14 +110,17 @@ def update_steps(report: dict, lines: list[dict]) -> dict[str, dict]:
             raise SystemExit(f"error: cell {cell!r}: update steps need a synthetic env id's length cells")
         tasks = report_tasks(report["args"], int(cell), [steps[0]["task_index"] for steps in cell_episodes])
         facts = {name: [0, 0] for name in FACT_CLASSES}
-        updates = Counter({name: 0 for name in UPDATE_CLASSES})
+        updates, on_first = Counter({name: 0 for name in UPDATE_CLASSES}), 0
         for steps in cell_episodes:
-            fact_classes, update_classes = episode_classes(steps, superseded_pairs(tasks[steps[0]["task_index"]]))
+            fact_classes, update_classes, first = episode_classes(steps,
+                                                                  superseded_pairs(tasks[steps[0]["task_index"]]))
+            on_first += first
             for name in fact_classes:
                 facts[name][0] += 1
                 facts[name][1] += int(steps[-1]["em"])
             updates.update(update_classes)
-        summary[f"{policy} {cell}"] = {"episodes": len(cell_episodes), "facts": facts, "updates": updates}
+        summary[f"{policy} {cell}"] = {"episodes": len(cell_episodes), "facts": facts, "updates": updates,
+                                       "on_first": on_first}
     return summary
 
 
@@ -131,4 +139,5 @@ if __name__ == "__main__":
     for name, cell in summary.items():
         facts = "; ".join(f"{k} {n} ({right} right)" for k, (n, right) in cell["facts"].items())
         updates = ", ".join(f"{k} {n}" for k, n in cell["updates"].items())
-        print(f"{name}: {cell['episodes']} episodes; superseded facts: {facts}; Updates: {updates}")
+        print(f"{name}: {cell['episodes']} episodes; superseded facts: {facts}; Updates: {updates} "
+              f"({cell['on_first']} of the first entry shown)")

@@ -268,7 +268,8 @@ def test_update_steps_sorts_what_a_policy_did_with_each_superseded_fact(tmp_path
                 "ops": ops, "em": em, "reward": em, "prompt_token_ids": [], "completion_token_ids": [],
                 "policy": "llm", "cell": "800"}
     lines = [
-        step(a, [(3, pairs[a][0])], [{"op": "update", "entry_id": 3, "text": pairs[a][1].upper()}], 1.0),
+        step(a, [(5, "Somebody works for Someone Labs."), (3, pairs[a][0])],
+             [{"op": "update", "entry_id": 3, "text": pairs[a][1].upper()}], 1.0),
         step(b, [], [{"op": "create", "text": pairs[b][1]}], 0.0),
         step(c, [(2, "A quiet bridge was visited last spring.")],
              [{"op": "update", "entry_id": 7, "text": pairs[c][1]}, {"op": "update", "entry_id": 2, "text": "x"}], 0.0),
@@ -282,7 +283,8 @@ def test_update_steps_sorts_what_a_policy_did_with_each_superseded_fact(tmp_path
     result = _bench("update_steps.py", "--report", str(report), "--trajectories", str(trajectories))
     assert result.returncode == 0, result.stderr
     assert ("llm 800: 4 episodes; superseded facts: updated 1 (1 right); created beside 1 (0 right); missed 2 "
-            "(0 right); Updates: stale -> new 1, stale -> other 1, other entry 1, id not shown 1") in result.stdout
+            "(0 right); Updates: stale -> new 1, stale -> other 1, other entry 1, id not shown 1 (2 of the first entry "
+            "shown)") in result.stdout
 
     for flags, message in ((["--trajectories", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
                            (["--report", str(trajectories)], "is not an eval.py JSON report")):
