@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from atommem_env.data.synthetic import statement_subject
 from atommem_env.protocols import Answer, Create, Read, SetScratchpad, Update, format_ops
 from atommem_env.scoring import last_boxed
 from atommem_env.tasks import SupportingFact, Task
@@ -111,6 +112,10 @@ class OraclePolicy(Policy):
     The `oracle-hops` teacher also does nothing a student could not learn from the observation: before it Updates
     a superseded fact it Reads the fact's subject (first in its action, staying on the chunk), and Updates the
     entry that Read shows by the id shown (if the Read does not show it, it Creates the new statement instead).
+    With `look_up=True` (the `oracle-lookup` teacher: `oracle-hops` plus the counter-cases) it Reads before it writes
+    any fact whose subject it can name, not only a superseded one, and Creates when that Read shows no entry
+    about the same subject and relation: a Read is then followed by an Update only where the entry it shows is
+    the one the new statement replaces. Without Update (`enabled_ops`) it has nothing to decide and Reads nothing.
     The plain oracle Updates by the id it remembers. With `enabled_ops` lacking "update" (the env's setting, for an
     ablation), every oracle Creates the new statement beside the stale one. A stale statement and its successor in
     one chunk: only the successor is stored.
@@ -126,13 +131,16 @@ class OraclePolicy(Policy):
     name = "oracle"
 
     def __init__(self, protocol: str = "atommem", look_alikes: bool = False, read_per_hop: bool = False,
-                 enabled_ops: Collection[str] | None = None):
+                 enabled_ops: Collection[str] | None = None, look_up: bool = False):
+        if look_up and not read_per_hop:
+            raise ValueError("look_up Reads before it writes, as the Read-per-hop teacher does: set read_per_hop too")
         self.protocol = protocol
         self.look_alikes = look_alikes
         self.read_per_hop = read_per_hop
         self.can_update = enabled_ops is None or "update" in enabled_ops
+        self.look_up = look_up and self.can_update
         if look_alikes:
-            self.name = "oracle-hops" if read_per_hop else "oracle-broad"
+            self.name = "oracle-lookup" if look_up else "oracle-hops" if read_per_hop else "oracle-broad"
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
         self.pending: dict[int, list[str]] = {}  # slot -> keys of the Creates sent last step, in order
         self.stored: dict[int, set[str]] = {}  # slot -> fact texts written this episode
@@ -199,21 +207,22 @@ class OraclePolicy(Policy):
                 ops.append(Create(fact.text))
 
         for fact in self.updates_waiting.pop(slot, []) if not fresh else []:  # last step's Read was for these
-            if f"[id {ids[fact.key]}]" in obs["retrieved"]:
+            if fact.key in ids and f"[id {ids[fact.key]}]" in obs["retrieved"]:
                 ops.append(Update(fact.text, entry_id=ids[fact.key]))
             else:
                 store(fact)
         for fact in self._new_facts(slot, obs, task):
-            if not (fact.key in ids and self.can_update):
-                store(fact)
-            elif self.read_per_hop:
+            superseding = fact.key in ids and self.can_update
+            if self.read_per_hop and (superseding or self.look_up and fact_subject(fact)):
                 waiting.append(fact)
-            else:
+            elif superseding:
                 ops.append(Update(fact.text, entry_id=ids[fact.key]))
+            else:
+                store(fact)
         if waiting:
             self.updates_waiting[slot] = waiting
             # First in the action: whether to Read is decided at the first token, with the chunk's cue in view.
-            ops[:0] = [Read(subject) for subject in dict.fromkeys(map(key_subject, waiting))]
+            ops[:0] = [Read(subject) for subject in dict.fromkeys(map(fact_subject, waiting))]
         self.pending[slot] = list(creates)
         return format_ops(ops)
 
@@ -221,6 +230,11 @@ class OraclePolicy(Policy):
 def key_subject(fact: SupportingFact) -> str:
     """The entity a synthetic fact is about: its key is `subject|relation`."""
     return fact.key.split("|")[0]
+
+
+def fact_subject(fact: SupportingFact) -> str | None:
+    """The entity a fact is about, keyed or not (a look-alike's comes from its sentence); None if unknown."""
+    return key_subject(fact) if fact.key else statement_subject(fact.text)
 
 
 def hop_chain(task: Task) -> list[SupportingFact]:

@@ -10,6 +10,7 @@ from atommem_env import AtomMemEnv
 from atommem_env.chunking import Chunker
 from atommem_env.data import (ComposedTaskSource, DataFormatError, LoadStats, SyntheticTaskSource, generate_task,
                               load_items, make_task_source, select_split, split_of)
+from atommem_env.data.synthetic import statement_subject
 from atommem_env.tokens import RegexTokenCounter
 
 from conftest import FIXTURES, HOTPOT_OFFICIAL
@@ -181,6 +182,20 @@ def test_synthetic_tasks_list_their_look_alike_distractors():
             assert any(len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
                        for a in look_alike.split() for b in words)
     assert generate_task(0, distractors=0).meta["look_alike_facts"] == ()
+
+
+def test_statement_subject_names_the_entity_of_every_fact_sentence_and_nothing_else():
+    for seed in range(20):
+        task = generate_task(seed, context_tokens=600, distractors=3, hops=(1, 3), volatility=1.0)
+        for fact in task.questions[0].supporting_facts:
+            assert statement_subject(fact.text) == fact.key.split("|")[0]
+        supporting_subjects = {f.key.split("|")[0] for f in task.questions[0].supporting_facts}
+        for look_alike in task.meta["look_alike_facts"]:
+            subject = statement_subject(look_alike)
+            assert subject and subject in look_alike
+            assert subject not in supporting_subjects
+    assert statement_subject("The quiet bridge near the valley was repaired during the spring.") is None
+    assert statement_subject("") is None
 
 
 def test_synthetic_look_alikes_do_not_run_out_in_long_look_alike_settings():

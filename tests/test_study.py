@@ -8,7 +8,8 @@ import pytest
 import atommem_env  # noqa: F401
 from agents import make_policy
 from agents.evaluation import make_env_kwargs, make_vector_env, run_episodes
-from agents.policies import hop_reads
+from agents.policies import OraclePolicy, hop_reads
+from atommem_env.data.synthetic import statement_subject
 
 TWO_HOP = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 0}}
 VOLATILE = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 1.0}}
@@ -71,9 +72,10 @@ def test_hop_reads_follow_the_chain_and_fall_back_to_the_question():
     assert hop_reads(hotpot.unwrapped.task) == [(hotpot.unwrapped.task.questions[0].question, "")]
 
 
-def test_the_hops_teacher_reads_the_subject_before_it_updates_the_entry_shown():
+@pytest.mark.parametrize("name", ["oracle-hops", "oracle-lookup"])
+def test_the_hops_teacher_reads_the_subject_before_it_updates_the_entry_shown(name):
     """Issue 24, item 3: a student sees no ids but the ones a Read shows, so the teacher Updates only those."""
-    episodes = _teacher_episodes("oracle-hops", VOLATILE, tasks=16)
+    episodes = _teacher_episodes(name, VOLATILE, tasks=16)
     assert all(e["em"] == 1.0 and e["invalid_ops"] == 0 for e in episodes)
     assert sum(e["ops"]["update"] > 0 for e in episodes) >= 8
     for e in episodes:
@@ -81,6 +83,36 @@ def test_the_hops_teacher_reads_the_subject_before_it_updates_the_entry_shown():
             for entry_id in re.findall(r'<update id="(\d+)">', action.text):
                 assert before.text.startswith("<read>") and f"[id {entry_id}]" in obs["retrieved"]
                 assert obs["chunk_index"] < obs["num_chunks"]  # still reading: the Read kept the chunk
+
+
+@pytest.mark.parametrize("extra", [VOLATILE, TWO_HOP])
+def test_the_lookup_teacher_reads_before_every_fact_and_updates_only_the_entry_about_it(extra):
+    """Issue 24, item 3, round 4's counter-cases: Reads that end in a Create, so a Read does not mean Update."""
+    episodes = _teacher_episodes("oracle-lookup", extra, tasks=16)
+    assert all(e["em"] == 1.0 and e["invalid_ops"] == 0 for e in episodes)
+    read_then_create = 0
+    for e in episodes:
+        assert "<create>" not in e["steps"][0][1].text
+        for (_, before), (obs, action) in zip(e["steps"], e["steps"][1:]):
+            if "<create>" in action.text and not before.text.startswith("<read>"):
+                pytest.fail(f"a fact written without a Read first: {action.text!r}")
+            read_then_create += before.text.startswith("<read>") and "<create>" in action.text
+            shown = dict(re.findall(r"\[id (\d+)\] (.*)", obs["retrieved"]))
+            for entry_id, text in re.findall(r'<update id="(\d+)">(.*?)</update>', action.text):
+                assert statement_subject(shown[entry_id]) == statement_subject(text)
+    assert read_then_create >= 16
+    if extra is TWO_HOP:
+        assert sum(e["ops"]["update"] for e in episodes) == 0
+
+
+def test_the_lookup_teacher_without_update_is_the_hops_teacher():
+    """Its ablation reads nothing before writing (nothing to decide): its samples are `oracle-hops`' ones."""
+    ablated = {**VOLATILE, "enabled_ops": ["create", "read", "scratchpad", "query"]}
+    actions = {name: [out.text for e in _teacher_episodes(name, ablated) for _, out in e["steps"]]
+               for name in ("oracle-hops", "oracle-lookup")}
+    assert actions["oracle-lookup"] == actions["oracle-hops"]
+    with pytest.raises(ValueError, match="read_per_hop"):
+        OraclePolicy(look_alikes=True, look_up=True)
 
 
 @pytest.mark.parametrize("name", ["oracle", "oracle-hops"])

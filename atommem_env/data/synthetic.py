@@ -31,6 +31,7 @@ of a split has seed `2i` (train), `2i+1` (eval) or `i` ("all"), plus `seed * 2**
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,19 @@ RELATIONS = (
 )
 _BY_SUBJECT = {kind: [r for r in RELATIONS if r.subject == kind] for kind in ("person", "company", "city", "country")}
 _RENAMABLE = ("company", "city", "country")
+_STATEMENT_PATTERNS = [
+    re.compile("^" + re.escape(template).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{o\}", "(?P<o>.+?)") + "$")
+    for relation in RELATIONS for template in (relation.statement, relation.change) if template]
+_STATEMENT_PATTERNS.append(re.compile(r"^(?P<s>.+?) was renamed (?P<o>.+?)\.$"))
+
+
+def statement_subject(sentence: str) -> str | None:
+    """The entity a synthetic fact sentence is about (look-alikes' too, which carry no key); None for any other
+    sentence."""
+    for pattern in _STATEMENT_PATTERNS:
+        if match := pattern.match(sentence.strip()):
+            return match["s"]
+    return None
 
 _FILLER_TEMPLATES = [
     "The {adj} {noun} near the {place} was {verb} during the {season}.",
