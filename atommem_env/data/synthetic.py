@@ -77,10 +77,11 @@ RELATIONS = (
 )
 _BY_SUBJECT = {kind: [r for r in RELATIONS if r.subject == kind] for kind in ("person", "company", "city", "country")}
 _RENAMABLE = ("company", "city", "country")
+# Longest template first: "{s} works for {o}." would also match "{s} left that job and now works for {o}.".
 _STATEMENT_PATTERNS = [
     re.compile("^" + re.escape(template).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{o\}", "(?P<o>.+?)") + "$")
-    for relation in RELATIONS for template in (relation.statement, relation.change) if template]
-_STATEMENT_PATTERNS.append(re.compile(r"^(?P<s>.+?) was renamed (?P<o>.+?)\.$"))
+    for template in sorted([t for r in RELATIONS for t in (r.statement, r.change) if t] + ["{s} was renamed {o}."],
+                           key=len, reverse=True)]
 
 
 def statement_subject(sentence: str) -> str | None:
