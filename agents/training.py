@@ -12,6 +12,7 @@ import json
 import resource
 import shutil
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,10 +191,18 @@ def default_bf16(model: str, gguf_file: str | None, device: str) -> bool:
         return False
 
 
+def warn_if_bf16_is_emulated(bf16: bool, device: str) -> None:
+    if bf16 and not pick_device(device).startswith("cuda") and not cpu_has_native_bf16():
+        warnings.warn("bf16 autocast on a CPU without native bf16 (AVX-512 BF16 or AMX): oneDNN emulates it, "
+                      "far slower than fp32 (docs/benchmarks.md); --bf16 False trains in fp32", stacklevel=3)
+
+
 def make_accelerator(bf16: bool, device: str):
     """The Accelerator of both trainers: bf16 autocast where asked, and a process-group time-out of hours,
     since other processes wait while the main one saves or logs."""
     from accelerate import Accelerator, InitProcessGroupKwargs
+
+    warn_if_bf16_is_emulated(bf16, device)
 
     return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu",
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])

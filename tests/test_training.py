@@ -464,3 +464,17 @@ def test_bf16_is_on_by_default_only_where_it_pays(tmp_path, monkeypatch):
     assert not training.default_bf16(str(tmp_path / "missing"), None, "cpu")  # its loading then says why
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower
     assert not training.default_bf16(str(big), None, "cpu")
+
+
+def test_bf16_asked_for_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, recwarn):
+    """An AVX2 CPU trained SmolLM2 at 5 tokens/s under bf16 autocast against 131 in fp32 (docs/study.md)."""
+    import agents.training as training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16.*--bf16 False"):
+        training.warn_if_bf16_is_emulated(True, "cpu")
+    recwarn.clear()
+    training.warn_if_bf16_is_emulated(False, "cpu")
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    training.warn_if_bf16_is_emulated(True, "cpu")
+    assert not recwarn.list
