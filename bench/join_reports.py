@@ -41,6 +41,14 @@ def read_report(path: Path) -> dict:
     return report
 
 
+def read_eval_report(path: Path) -> dict:
+    """An eval.py report itself, not a joined one: what ran (its "args") is needed."""
+    report = read_report(path)
+    if "args" not in report:
+        raise SystemExit(f"error: {path} has no args: give the eval.py reports themselves, not a joined one")
+    return report
+
+
 def by_length(cells: dict[str, dict]) -> list[tuple[str, dict]]:
     """A policy's cells in the order of their length ("800" before "4000"); other cells ("400docs") first."""
     return sorted(cells.items(), key=lambda item: int(item[0]) if item[0].isdigit() else -1)
@@ -49,9 +57,7 @@ def by_length(cells: dict[str, dict]) -> list[tuple[str, dict]]:
 def join_reports(paths: list[Path]) -> dict:
     joined = {"joined_from": {}, "results": {}}
     for path in paths:
-        report = read_report(path)
-        if "args" not in report:
-            raise SystemExit(f"error: {path} has no args: join the eval.py reports themselves")
+        report = read_eval_report(path)
         joined["joined_from"][str(path)] = report["args"]
         for policy, cells in report["results"].items():
             by_cell = joined["results"].setdefault(policy, {})

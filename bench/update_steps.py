@@ -29,7 +29,7 @@ import tyro
 from agents.trajectories import read_trajectories
 from answer_sources import report_tasks  # this folder is on sys.path when run as a script
 from atommem_env.scoring import normalize_answer
-from join_reports import read_report
+from join_reports import read_eval_report
 
 FACT_CLASSES = ("updated", "created beside", "missed")
 UPDATE_CLASSES = ("stale -> new", "stale -> other", "other entry", "id not shown")
@@ -126,9 +126,7 @@ def update_steps(report: dict, lines: list[dict]) -> dict[str, dict]:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    report = read_report(Path(args.report))
-    if "args" not in report:
-        raise SystemExit(f"error: {args.report} has no args: give the eval.py report itself")
+    report = read_eval_report(Path(args.report))
     try:
         lines = read_trajectories(args.trajectories)
         summary = update_steps(report, lines)

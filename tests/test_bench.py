@@ -286,8 +286,11 @@ def test_update_steps_sorts_what_a_policy_did_with_each_superseded_fact(tmp_path
             "(0 right); Updates: stale -> new 1, stale -> other 1, other entry 1, id not shown 1 (2 of the first entry "
             "shown)") in result.stdout
 
+    joined = tmp_path / "joined.json"
+    joined.write_text(json.dumps({"results": json.loads(report.read_text())["results"]}))
     for flags, message in ((["--trajectories", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
-                           (["--report", str(trajectories)], "is not an eval.py JSON report")):
+                           (["--report", str(trajectories)], "is not an eval.py JSON report"),
+                           (["--report", str(joined)], "joined.json has no args")):
         given = {"--report": str(report), "--trajectories": str(trajectories)} | dict([flags])
         result = _bench("update_steps.py", *[x for pair in given.items() for x in pair])
         assert result.returncode != 0 and message in result.stderr
