@@ -203,7 +203,6 @@ def make_accelerator(bf16: bool, device: str):
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     warn_if_bf16_is_emulated(bf16, device)
-
     return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=device == "cpu",
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=3))])
 
