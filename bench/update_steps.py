@@ -18,7 +18,6 @@ value's words that the stale one lacks, and the reverse, so a copy with other pu
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -74,10 +73,11 @@ def episode_classes(steps: list[dict], pairs: list[tuple[str, str]]) -> tuple[li
                 continue
             on_first += bool(shown_in_order) and shown_in_order[0][0] == str(op["entry_id"])
             old = shown.get(str(op["entry_id"]))
-            hit = next((pair for pair in pairs if old is not None and carries(old, *pair)), None)
             if old is None:
                 updates.append("id not shown")
-            elif hit is None:
+                continue
+            hit = next((pair for pair in pairs if carries(old, *pair)), None)
+            if hit is None:
                 updates.append("other entry")
             elif carries(op["text"], hit[1], hit[0]):
                 updates.append("stale -> new")
