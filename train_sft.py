@@ -21,7 +21,7 @@ import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from agents import READER_POLICIES, build_messages, make_generator, make_policy
+from agents import POLICIES, READER_POLICIES, build_messages, make_generator, make_policy
 from agents.evaluation import episode_schedules, make_vector_env, protocol_of, run_episodes
 from agents.prompt import encode_prompt
 from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, default_bf16,
@@ -251,6 +251,8 @@ if __name__ == "__main__":
     check_backend_args(args)
     if args.trajectories and not Path(args.trajectories).is_file():
         raise SystemExit(f"error: --trajectories {args.trajectories} does not exist")
+    if not args.trajectories and args.teacher not in POLICIES:  # before the model loads and the run directory exists
+        raise SystemExit(f"error: --teacher {args.teacher}: unknown policy; choose from {list(POLICIES)}")
     if args.trajectories and args.repeat_update_steps != 1:
         raise SystemExit("error: --repeat-update-steps needs teacher episodes; a --trajectories file has no steps")
     if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_prompt_tokens,

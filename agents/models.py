@@ -180,12 +180,11 @@ def load_causal_lm(name_or_path: str, *, gguf_file: str | None = None, adapter: 
     base model from atommem_base.json (or adapter_config.json), merges the adapters listed there
     into it (GRPO's LoRA on an SFT LoRA), then loads the adapter; the tokenizer comes from the checkpoint.
     """
-    from transformers import AutoModelForCausalLM
-
     path, gguf = resolve_model(name_or_path, gguf_file)
     if os.sep in str(name_or_path) or str(name_or_path).startswith("."):
         if not Path(path).exists():
             raise ValueError(f"model path not found: {path}")
+    from transformers import AutoModelForCausalLM  # after the check: the import alone takes seconds
     adapter_config = Path(path) / "adapter_config.json"
     if adapter is None and adapter_config.is_file() and not (Path(path) / "config.json").is_file():
         # A LoRA checkpoint directory: load its base model, then the adapter.
