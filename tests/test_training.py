@@ -89,6 +89,7 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--top-k", "2", "0"], "--top-k must be positive"),
     (["--repeat-update-steps", "0"], "sizes and counts must be positive"),
     (["--repeat-update-steps", "3", "--trajectories", "tests/fixtures/2wiki_dev_sample.json"], "needs teacher episodes"),
+    (["--vllm-enforce-eager"], "--vllm-enforce-eager is for --backend vllm"),
 ])
 def test_sft_bad_flags(flags, message, tmp_path):
     result = _run("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags, timeout=300)
@@ -185,6 +186,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     (["--time-limit-minutes", "-1"], "--time-limit-minutes"),
     (["--no-answer-penalty", "-0.2"], "--no-answer-penalty must be >= 0"),
     (["--env-kwargs", '{"top_k": 2, "topk": 1}'], "['topk'] are not arguments of the env"),
+    (["--vllm-enforce-eager"], "--vllm-enforce-eager is for --backend vllm"),
 ])
 def test_grpo_bad_flags(flags, message, tmp_path):
     result = _run("train_grpo.py", "--save-dir", str(tmp_path), *flags, timeout=120)

@@ -29,6 +29,7 @@ SYNC_BOUND = 1e-3
 
 @pytest.fixture(scope="module")
 def engine():
+    """Compiled, as in real runs (the subprocess tests below start theirs eager, ~30-50 s sooner each)."""
     pytest.importorskip("vllm")
     return vllm_backend.VLLMEngine(vllm_backend.hf_directory("tiny"), dtype="float32")
 
@@ -106,8 +107,9 @@ def test_grpo_with_vllm_rollouts_logs_a_small_logprob_gap(tmp_path):
                   "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "--num-iterations", "2",
                   "--tasks-per-iteration", "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-episodes", "2",
                   "--num-envs", "2", "--eval-max-new-tokens", "8", "--save-dir", str(tmp_path / "grpo"),
-                  "--beta", "0.01", "--save-trajectories", str(trajectories))
+                  "--beta", "0.01", "--save-trajectories", str(trajectories), "--vllm-enforce-eager")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "enforce_eager=True" in result.stdout + result.stderr  # vLLM's own account of its engine
     (run,) = list((tmp_path / "grpo").iterdir())
     # The trajectory file holds what each iteration's loss scored: the same token ids, sampler log-probs,
     # advantages and weights (with beta > 0 every sample trains, whatever its advantage).
@@ -138,8 +140,9 @@ def test_eval_with_the_vllm_backend(tmp_path):
     result = _run("eval.py", "--backend", "vllm", "--policies", "llm", "rag", "--model", "tiny", "--env-id",
                   "AtomMem/SyntheticEasy-v0", "--embedder", "hashing", "--num-episodes", "2", "--num-envs", "2",
                   "--context-tokens", "300", "--max-new-tokens", "8", "--dtype", "float32",
-                  "--output-dir", str(tmp_path))
+                  "--output-dir", str(tmp_path), "--vllm-enforce-eager")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "enforce_eager=True" in result.stdout + result.stderr
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert results["llm"]["300"]["episodes"] == results["rag"]["300"]["episodes"] == 2
 
@@ -185,7 +188,7 @@ def test_grpo_with_vllm_in_two_processes(tmp_path):
          "--device", "cpu", "--backend", "vllm", "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300",
          "--num-iterations", "2", "--tasks-per-iteration", "2", "--group-size", "2", "--max-new-tokens", "8",
          "--eval-episodes", "2", "--num-envs", "1", "--eval-max-new-tokens", "8", "--minibatch-size", "4",
-         "--save-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900)
+         "--save-dir", str(tmp_path), "--vllm-enforce-eager"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = list(tmp_path.iterdir())
     summary = json.loads((run / "summary.json").read_text())
