@@ -156,6 +156,14 @@ def test_bench_contention_rejects_bad_flags_before_any_work(flags):
     assert result.returncode != 0 and "error: --backends takes hf and vllm" in result.stderr
 
 
+@pytest.mark.parametrize("flags, message", [(["--repeats", "0"], "must be positive"),
+                                            (["--dtypes", "float16"], "invalid choice: 'float16'")])
+def test_bench_rollout_rejects_bad_flags_before_any_work(flags, message):
+    result = subprocess.run([sys.executable, "bench/bench_rollout.py", *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "| model |" not in result.stdout
+
+
 def _length_report(path, em_by_cell, policies=("llm",)):
     cells = {cell: {"em": em, "em_stderr": 0.01, "episodes": 64, "records": []} for cell, em in em_by_cell.items()}
     path.write_text(json.dumps({"args": {"model": path.stem}, "results": {policy: cells for policy in policies}}))
