@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,33 @@ DATA_DIR = REPO.parent / "shared" / "data"
 HOTPOT_HF = DATA_DIR / "hotpotqa_dev_distractor_100.json"
 HOTPOT_OFFICIAL = DATA_DIR / "hotpotqa_dev_distractor_official_53.json"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+SFT_TINY = ["--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "--num-train-episodes", "4",
+            "--num-envs", "2", "--num-epochs", "1", "--batch-size", "4", "--eval-episodes", "2",
+            "--eval-context-tokens", "300", "--eval-max-new-tokens", "8"]
+
+
+def run_summary(save_dir: Path):
+    """(run directory, its summary.json) of the one run a trainer wrote under save_dir."""
+    (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
+    return run, json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory):
+    """One tiny SFT run for the whole session (train_sft.py on SyntheticEasy-v0 at 300 tokens): (checkpoint, the
+    teacher samples it saved). Tests only read it."""
+    save_dir = tmp_path_factory.mktemp("sft")
+    traj = save_dir / "traj.jsonl"
+    result = subprocess.run([sys.executable, "train_sft.py", *SFT_TINY, "--save-dir", str(save_dir),
+                             "--save-trajectories", str(traj)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, summary = run_summary(save_dir)
+    assert summary["teacher_em"] == 1.0 and summary["steps"] >= 1 and "300" in summary["eval"]
+    assert 0 < summary["train_seconds"] and summary["train_tokens_per_second"] > 0
+    assert list(run.glob("events.out.tfevents.*"))
+    return run / "checkpoint", traj
 
 
 @pytest.fixture(scope="session")

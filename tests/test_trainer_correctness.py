@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HOTPOT_HF, REPO
+from conftest import HOTPOT_HF, REPO, run_summary
 
 import atommem_env
 import train_grpo
@@ -24,11 +24,6 @@ from agents.training import CompletionScorer, make_accelerator, pack, setup_mode
 
 def _run(script, *flags, timeout=600):
     return subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _summary(save_dir):
-    (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
-    return run, json.loads((run / "summary.json").read_text())
 
 
 def _scalars(run, tag):
@@ -51,15 +46,17 @@ def test_both_trainers_run_on_dataset_ids_with_their_registered_settings(env_id,
     data = ["--env-id", env_id, "--data-path", str(hotpot_path)]
     sft = _run("train_sft.py", *data, *SFT_TINY, "--save-dir", str(tmp_path / "sft"))
     assert sft.returncode == 0, sft.stderr[-3000:]
-    run, summary = _summary(tmp_path / "sft")
+    run, summary = run_summary(tmp_path / "sft")
     assert summary["teacher_em"] == 1.0
     label = "200docs" if "MultiQuery" in env_id else "default"
     assert summary["eval"][label]["prompt_cut_rate"] > 0  # 4000-token chunks against a 512-token budget
     args = json.loads((run / "checkpoint" / "args.json").read_text())
     assert args["chunk_tokens"] is None and args["context_tokens"] == []  # the id's own settings
-    grpo = _run("train_grpo.py", *data, *GRPO_TINY, "--model", str(run / "checkpoint"), "--save-dir", str(tmp_path / "g"))
+    # Evaluation on the id's settings is SFT's above (the trainers share it); GRPO's would add ~40 s on 200 documents.
+    grpo = _run("train_grpo.py", *data, *GRPO_TINY, "--eval-episodes", "0", "--model", str(run / "checkpoint"),
+                "--save-dir", str(tmp_path / "g"))
     assert grpo.returncode == 0, grpo.stderr[-3000:]
-    _, summary = _summary(tmp_path / "g")
+    _, summary = run_summary(tmp_path / "g")
     # Tasks are drawn inside the split: 100 questions, ~80 in the train split (a random index used to crash).
     assert 0 < summary["num_train_tasks"] < 100
 
@@ -112,12 +109,12 @@ def test_grpo_from_a_lora_sft_checkpoint_starts_at_zero_kl_and_resumes_with_the_
                "--lora-r", "4", "--lora-dropout", "0.5", "--learning-rate", "0.05", "--eval-episodes", "0",
                "--save-dir", str(tmp_path / "sft"))
     assert sft.returncode == 0, sft.stderr[-3000:]
-    start = _summary(tmp_path / "sft")[0] / "checkpoint"
+    start = run_summary(tmp_path / "sft")[0] / "checkpoint"
     flags = [*GRPO_TINY, "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "--beta", "0.1",
              "--lora-r", "4", "--minibatch-size", "1000", "--eval-episodes", "0"]
     grpo = _run("train_grpo.py", *flags, "--model", str(start), "--save-dir", str(tmp_path / "a"))
     assert grpo.returncode == 0, grpo.stderr[-3000:]
-    run, _ = _summary(tmp_path / "a")
+    run, _ = run_summary(tmp_path / "a")
     # One minibatch, scored before the optimizer step: the policy *is* the reference (base + SFT adapter, merged),
     # and with dropout off the first ratio is 1. With the bare base as reference the KL was > 0.
     assert _scalars(run, "losses/kl") == [pytest.approx(0.0, abs=1e-6)]
@@ -131,7 +128,7 @@ def test_grpo_from_a_lora_sft_checkpoint_starts_at_zero_kl_and_resumes_with_the_
     resumed = _run("train_grpo.py", *flags, "--num-iterations", "2", "--resume", str(checkpoint),
                    "--model", "/gone", "--save-dir", str(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    run_b, _ = _summary(tmp_path / "b")
+    run_b, _ = run_summary(tmp_path / "b")
     state = torch.load(run_b / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["reference"]["model"] == str(start) and state["iteration"] == 2
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, SFT_TINY, run_summary
 
 import train_grpo
 from agents import HFGenerator, build_messages
@@ -19,29 +19,6 @@ from train_grpo import (StepSample, group_advantages, grpo_loss, logprob_gap, lo
 
 def _run(script, *flags, timeout=600):
     return subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _summary(save_dir):
-    (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
-    return run, json.loads((run / "summary.json").read_text())
-
-
-SFT_TINY = ["--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "--num-train-episodes", "4",
-            "--num-envs", "2", "--num-epochs", "1", "--batch-size", "4", "--eval-episodes", "2",
-            "--eval-context-tokens", "300", "--eval-max-new-tokens", "8"]
-
-
-@pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("sft")
-    traj = save_dir / "traj.jsonl"
-    result = _run("train_sft.py", *SFT_TINY, "--save-dir", str(save_dir), "--save-trajectories", str(traj))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run, summary = _summary(save_dir)
-    assert summary["teacher_em"] == 1.0 and summary["steps"] >= 1 and "300" in summary["eval"]
-    assert 0 < summary["train_seconds"] and summary["train_tokens_per_second"] > 0
-    assert list(run.glob("events.out.tfevents.*"))
-    return run / "checkpoint", traj
 
 
 def test_sft_smoke_writes_a_checkpoint_that_eval_loads(sft_checkpoint, tmp_path):
@@ -64,14 +41,14 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
              "--gradient-checkpointing"]
     result = _run("train_sft.py", *flags, "--save-dir", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr[-3000:]
-    run, summary = _summary(tmp_path / "a")
+    run, summary = run_summary(tmp_path / "a")
     checkpoint = run / "checkpoint"
     assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file()
     assert (checkpoint / "atommem_base.json").is_file()
     resumed = _run("train_sft.py", *flags, "--num-epochs", "2", "--resume", str(checkpoint),
                    "--save-dir", str(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, resumed_summary = _summary(tmp_path / "b")
+    _, resumed_summary = run_summary(tmp_path / "b")
     assert resumed_summary["steps"] == 2 * summary["steps"]
 
 
@@ -110,7 +87,7 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
              "--eval-max-new-tokens", "8", "--beta", "0.01"]
     result = _run("train_grpo.py", *flags, "--save-dir", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr[-3000:]
-    run, summary = _summary(tmp_path / "a")
+    run, summary = run_summary(tmp_path / "a")
     assert [h["iteration"] for h in summary["eval_history"]] == [0, 2]
     assert (run / "checkpoint" / "trainer_state.pt").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -129,7 +106,7 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
     timed = _run("train_grpo.py", *flags, "--num-iterations", "50", "--time-limit-minutes", "0.0001",
                  "--save-dir", str(tmp_path / "c"))
     assert timed.returncode == 0, timed.stderr[-3000:]
-    run, summary = _summary(tmp_path / "c")  # the first iteration ends past the limit: evaluated and saved as the last
+    run, summary = run_summary(tmp_path / "c")  # the first iteration ends past the limit: evaluated and saved as the last
     assert summary["iterations"] == 1 and [h["iteration"] for h in summary["eval_history"]] == [0, 1]
     assert (run / "checkpoint" / "trainer_state.pt").is_file()
 
@@ -157,7 +134,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     assert sft.returncode == 0, sft.stderr[-3000:]
     assert "2 batches per process (2 processes)" in sft.stdout  # 16 samples, batches of 4, split in two
     _shared_evaluations(sft.stdout, 2)
-    run, summary = _summary(tmp_path / "sft")
+    run, summary = run_summary(tmp_path / "sft")
     assert (run / "checkpoint" / "model.safetensors").is_file() and "300" in summary["eval"]
     checkpoint, _ = sft_checkpoint
     # Minibatches of one sample: the second process always runs the zero-weight stand-in.
@@ -166,7 +143,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
              "--eval-max-new-tokens", "8", "--beta", "0.01", "--minibatch-size", "1"]
     grpo = _torchrun("train_grpo.py", *flags, "--save-dir", str(tmp_path / "grpo"))
     assert grpo.returncode == 0, grpo.stderr[-3000:]
-    run, summary = _summary(tmp_path / "grpo")  # one run directory for both processes
+    run, summary = run_summary(tmp_path / "grpo")  # one run directory for both processes
     assert summary["num_processes"] == 2 and [h["iteration"] for h in summary["eval_history"]] == [0, 2]
     assert (run / "checkpoint" / "trainer_state.pt").is_file()
     assert grpo.stdout.count("iter=2 ") == 1  # only the main process logs

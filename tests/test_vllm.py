@@ -95,15 +95,10 @@ def _run(*argv, timeout=900):
     return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_grpo_with_vllm_rollouts_logs_a_small_logprob_gap(tmp_path):
+def test_grpo_with_vllm_rollouts_logs_a_small_logprob_gap(tmp_path, sft_checkpoint):
     pytest.importorskip("vllm")
-    sft = _run("train_sft.py", "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300",
-               "--num-train-episodes", "2", "--num-envs", "2", "--num-epochs", "1", "--batch-size", "4",
-               "--eval-episodes", "0", "--save-dir", str(tmp_path / "sft"))
-    assert sft.returncode == 0, sft.stderr[-3000:]
-    (run,) = list((tmp_path / "sft").iterdir())
     trajectories = tmp_path / "rollouts.jsonl"
-    result = _run("tests/trace_trainer.py", "train_grpo.py", "--backend", "vllm", "--model", str(run / "checkpoint"),
+    result = _run("tests/trace_trainer.py", "train_grpo.py", "--backend", "vllm", "--model", str(sft_checkpoint[0]),
                   "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "--num-iterations", "2",
                   "--tasks-per-iteration", "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-episodes", "2",
                   "--num-envs", "2", "--eval-max-new-tokens", "8", "--save-dir", str(tmp_path / "grpo"),
