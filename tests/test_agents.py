@@ -179,7 +179,9 @@ class _ChatServer(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-        content = {"/number": 42, "/list": ["a", "b"]}.get(path[:path.index("/v1")], None)
+        # A cut reply is never read whole, so it does not wait for the model: on a slow machine two generations and
+        # the client's retry back-off once passed the 1 s deadline ("within 1.0 s", not "connection broke").
+        content = {"/number": 42, "/list": ["a", "b"], "/cut": "a reply cut in half"}.get(path[:path.index("/v1")])
         if content is None and not path.startswith("/garbled"):
             content = self.generator.generate([body["messages"]])[0].text
         message = {"role": "assistant", "content": content}
