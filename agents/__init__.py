@@ -31,7 +31,8 @@ def make_generator(model: str, *, endpoint: str | None = None, adapter: str | No
         from .models import load_tokenizer
         from .vllm_backend import VLLMEngine, hf_directory
 
-        engine = VLLMEngine(hf_directory(model, adapter=adapter), dtype=dtype, seed=seed, enforce_eager=vllm_enforce_eager)
+        engine = VLLMEngine(hf_directory(model, adapter=adapter), dtype=dtype, seed=seed,
+                            enforce_eager=vllm_enforce_eager)
         return local_sampler(None, load_tokenizer(adapter or model), engine, **settings)
     if backend != "hf":
         raise ValueError(f"backend must be hf or vllm, got {backend!r}")

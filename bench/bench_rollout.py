@@ -110,5 +110,6 @@ def main() -> None:
             print(f"| {name} | {backend} | {dtype} | {start} | {rate:.0f} | {rate / rates[('hf', dtype)]:.2f}x |",
                   flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -22,6 +22,11 @@ SFT_TINY = ["--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "
             "--eval-context-tokens", "300", "--eval-max-new-tokens", "8"]
 
 
+def run_script(script: str, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python script flags...` in the repository, its output captured."""
+    return subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def run_summary(save_dir: Path):
     """(run directory, its summary.json) of the one run a trainer wrote under save_dir."""
     (run,) = [p for p in save_dir.iterdir() if p.is_dir()]
@@ -34,8 +39,7 @@ def sft_checkpoint(tmp_path_factory):
     teacher samples it saved). Tests only read it."""
     save_dir = tmp_path_factory.mktemp("sft")
     traj = save_dir / "traj.jsonl"
-    result = subprocess.run([sys.executable, "train_sft.py", *SFT_TINY, "--save-dir", str(save_dir),
-                             "--save-trajectories", str(traj)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_script("train_sft.py", *SFT_TINY, "--save-dir", str(save_dir), "--save-trajectories", str(traj))
     assert result.returncode == 0, result.stderr[-3000:]
     run, summary = run_summary(save_dir)
     assert summary["teacher_em"] == 1.0 and summary["steps"] >= 1 and "300" in summary["eval"]

@@ -1,8 +1,6 @@
 """Regression tests of the trainers' review: each item of the trainer-correctness issue, by number."""
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -10,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HOTPOT_HF, REPO, run_summary
+from conftest import HOTPOT_HF, REPO, run_script, run_summary
 
 import atommem_env
 import train_grpo
@@ -20,10 +18,6 @@ from agents.evaluation import episode_schedules, make_env_kwargs, make_vector_en
 from agents.models import build_tiny_model, load_causal_lm
 from agents.prompt import CUT_MARK, encode_prompt
 from agents.training import CompletionScorer, make_accelerator, pack, setup_model, trainer_env_kwargs
-
-
-def _run(script, *flags, timeout=600):
-    return subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _scalars(run, tag):
@@ -44,7 +38,7 @@ SFT_TINY = [*TINY_RUN, "--num-train-episodes", "2", "--num-epochs", "1", "--batc
 @pytest.mark.parametrize("env_id", ["AtomMem/HotpotQA-v0", "AtomMem/HotpotQA-MultiQuery-v0"])
 def test_both_trainers_run_on_dataset_ids_with_their_registered_settings(env_id, hotpot_path, tmp_path):
     data = ["--env-id", env_id, "--data-path", str(hotpot_path)]
-    sft = _run("train_sft.py", *data, *SFT_TINY, "--save-dir", str(tmp_path / "sft"))
+    sft = run_script("train_sft.py", *data, *SFT_TINY, "--save-dir", str(tmp_path / "sft"))
     assert sft.returncode == 0, sft.stderr[-3000:]
     run, summary = run_summary(tmp_path / "sft")
     assert summary["teacher_em"] == 1.0
@@ -53,8 +47,8 @@ def test_both_trainers_run_on_dataset_ids_with_their_registered_settings(env_id,
     args = json.loads((run / "checkpoint" / "args.json").read_text())
     assert args["chunk_tokens"] is None and args["context_tokens"] == []  # the id's own settings
     # Evaluation on the id's settings is SFT's above (the trainers share it); GRPO's would add ~40 s on 200 documents.
-    grpo = _run("train_grpo.py", *data, *GRPO_TINY, "--eval-episodes", "0", "--model", str(run / "checkpoint"),
-                "--save-dir", str(tmp_path / "g"))
+    grpo = run_script("train_grpo.py", *data, *GRPO_TINY, "--eval-episodes", "0", "--model", str(run / "checkpoint"),
+                      "--save-dir", str(tmp_path / "g"))
     assert grpo.returncode == 0, grpo.stderr[-3000:]
     _, summary = run_summary(tmp_path / "g")
     # Tasks are drawn inside the split: 100 questions, ~80 in the train split (a random index used to crash).
@@ -105,14 +99,14 @@ def test_generation_never_holds_logits_of_every_new_token():
 
 # 4: the KL reference is the starting policy.
 def test_grpo_from_a_lora_sft_checkpoint_starts_at_zero_kl_and_resumes_with_the_same_reference(tmp_path):
-    sft = _run("train_sft.py", *SFT_TINY, "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300",
-               "--lora-r", "4", "--lora-dropout", "0.5", "--learning-rate", "0.05", "--eval-episodes", "0",
-               "--save-dir", str(tmp_path / "sft"))
+    sft = run_script("train_sft.py", *SFT_TINY, "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300",
+                     "--lora-r", "4", "--lora-dropout", "0.5", "--learning-rate", "0.05", "--eval-episodes", "0",
+                     "--save-dir", str(tmp_path / "sft"))
     assert sft.returncode == 0, sft.stderr[-3000:]
     start = run_summary(tmp_path / "sft")[0] / "checkpoint"
     flags = [*GRPO_TINY, "--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "--beta", "0.1",
              "--lora-r", "4", "--minibatch-size", "1000", "--eval-episodes", "0"]
-    grpo = _run("train_grpo.py", *flags, "--model", str(start), "--save-dir", str(tmp_path / "a"))
+    grpo = run_script("train_grpo.py", *flags, "--model", str(start), "--save-dir", str(tmp_path / "a"))
     assert grpo.returncode == 0, grpo.stderr[-3000:]
     run, _ = run_summary(tmp_path / "a")
     # One minibatch, scored before the optimizer step: the policy *is* the reference (base + SFT adapter, merged),
@@ -125,8 +119,8 @@ def test_grpo_from_a_lora_sft_checkpoint_starts_at_zero_kl_and_resumes_with_the_
     assert (checkpoint / "merged_adapter_0" / "adapter_config.json").is_file()
     assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["reference"]["model"] == str(start)
     # The checkpoint is self-contained: it loads without the SFT run, as base + merged SFT adapter + GRPO adapter.
-    resumed = _run("train_grpo.py", *flags, "--num-iterations", "2", "--resume", str(checkpoint),
-                   "--model", "/gone", "--save-dir", str(tmp_path / "b"))
+    resumed = run_script("train_grpo.py", *flags, "--num-iterations", "2", "--resume", str(checkpoint),
+                         "--model", "/gone", "--save-dir", str(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run_b, _ = run_summary(tmp_path / "b")
     state = torch.load(run_b / "checkpoint" / "trainer_state.pt", weights_only=False)
@@ -265,7 +259,7 @@ def test_sft_loss_weighs_every_token_of_an_optimizer_step_the_same():
 
 def test_grpo_has_no_lora_dropout_flag():
     # LoRA dropout made the first ratio != 1 (rollouts sample in eval mode): GRPO no longer takes the flag.
-    result = _run("train_grpo.py", "--lora-dropout", "0.1", timeout=120)
+    result = run_script("train_grpo.py", "--lora-dropout", "0.1", timeout=120)
     assert result.returncode != 0 and "lora-dropout" in result.stderr
 
 

@@ -8,17 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SFT_TINY, run_summary
+from conftest import REPO, SFT_TINY, run_script, run_summary
 
 import train_grpo
 from agents import HFGenerator, build_messages
 from agents.training import CompletionScorer
 from train_grpo import (StepSample, group_advantages, grpo_loss, logprob_gap, loss_denominator, padded,
                         score_old_logprobs, token_logprobs)
-
-
-def _run(script, *flags, timeout=600):
-    return subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def test_sft_smoke_writes_a_checkpoint_that_eval_loads(sft_checkpoint, tmp_path):
@@ -28,9 +24,9 @@ def test_sft_smoke_writes_a_checkpoint_that_eval_loads(sft_checkpoint, tmp_path)
     records = [json.loads(line) for line in traj.read_text().splitlines()]
     assert records and all(r["messages"][0]["role"] == "system" for r in records)
     assert any("<create>" in r["completion"] for r in records)
-    result = _run("eval.py", "--policies", "llm", "--model", str(checkpoint), "--env-id", "AtomMem/SyntheticEasy-v0",
-                  "--embedder", "hashing", "--num-episodes", "2", "--num-envs", "2", "--context-tokens", "300",
-                  "--max-new-tokens", "8", "--output-dir", str(tmp_path))
+    result = run_script("eval.py", "--policies", "llm", "--model", str(checkpoint), "--env-id",
+                        "AtomMem/SyntheticEasy-v0", "--embedder", "hashing", "--num-episodes", "2", "--num-envs", "2",
+                        "--context-tokens", "300", "--max-new-tokens", "8", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "eval.json").read_text())["results"]["llm"]["300"]["episodes"] == 2
 
@@ -39,14 +35,14 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     _, traj = sft_checkpoint
     flags = [*SFT_TINY, "--trajectories", str(traj), "--lora-r", "4", "--eval-episodes", "0",
              "--gradient-checkpointing"]
-    result = _run("train_sft.py", *flags, "--save-dir", str(tmp_path / "a"))
+    result = run_script("train_sft.py", *flags, "--save-dir", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr[-3000:]
     run, summary = run_summary(tmp_path / "a")
     checkpoint = run / "checkpoint"
     assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "config.json").is_file()
     assert (checkpoint / "atommem_base.json").is_file()
-    resumed = _run("train_sft.py", *flags, "--num-epochs", "2", "--resume", str(checkpoint),
-                   "--save-dir", str(tmp_path / "b"))
+    resumed = run_script("train_sft.py", *flags, "--num-epochs", "2", "--resume", str(checkpoint),
+                         "--save-dir", str(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, resumed_summary = run_summary(tmp_path / "b")
     assert resumed_summary["steps"] == 2 * summary["steps"]
@@ -69,14 +65,16 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--vllm-enforce-eager"], "--vllm-enforce-eager is for --backend vllm"),
 ])
 def test_sft_bad_flags(flags, message, tmp_path):
-    result = _run("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags, timeout=300)
+    result = run_script("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags,
+                        timeout=300)
     assert result.returncode != 0 and message in result.stderr + result.stdout
 
 
 def test_sft_malformed_trajectory_file(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": [], "completion": "x"}\n{"prompt": "no"}\n')
-    result = _run("train_sft.py", *SFT_TINY, "--trajectories", str(path), "--save-dir", str(tmp_path), timeout=300)
+    result = run_script("train_sft.py", *SFT_TINY, "--trajectories", str(path), "--save-dir", str(tmp_path),
+                        timeout=300)
     assert result.returncode != 0 and "bad.jsonl, line 2" in result.stderr
 
 
@@ -85,7 +83,7 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
     flags = ["--model", str(checkpoint), "--context-tokens", "300", "--num-iterations", "2", "--tasks-per-iteration",
              "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-episodes", "2", "--num-envs", "2",
              "--eval-max-new-tokens", "8", "--beta", "0.01"]
-    result = _run("train_grpo.py", *flags, "--save-dir", str(tmp_path / "a"))
+    result = run_script("train_grpo.py", *flags, "--save-dir", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr[-3000:]
     run, summary = run_summary(tmp_path / "a")
     assert [h["iteration"] for h in summary["eval_history"]] == [0, 2]
@@ -99,14 +97,15 @@ def test_grpo_smoke_from_the_sft_checkpoint(sft_checkpoint, tmp_path):
         assert len(logs.Scalars(tag)) == 2, tag
     # Every rollout step generates at least its end-of-turn token, whatever the rewards.
     assert all(e.value >= 1 for e in logs.Scalars("rollout/response_length"))
-    resumed = _run("train_grpo.py", *flags, "--num-iterations", "3", "--resume", str(run / "checkpoint"),
-                   "--save-dir", str(tmp_path / "b"))
+    resumed = run_script("train_grpo.py", *flags, "--num-iterations", "3", "--resume", str(run / "checkpoint"),
+                         "--save-dir", str(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "iter=3 " in resumed.stdout and "iter=1 " not in resumed.stdout
-    timed = _run("train_grpo.py", *flags, "--num-iterations", "50", "--time-limit-minutes", "0.0001",
-                 "--save-dir", str(tmp_path / "c"))
+    timed = run_script("train_grpo.py", *flags, "--num-iterations", "50", "--time-limit-minutes", "0.0001",
+                       "--save-dir", str(tmp_path / "c"))
     assert timed.returncode == 0, timed.stderr[-3000:]
-    run, summary = run_summary(tmp_path / "c")  # the first iteration ends past the limit: evaluated and saved as the last
+    # The first iteration ends past the limit: evaluated and saved as the last.
+    run, summary = run_summary(tmp_path / "c")
     assert summary["iterations"] == 1 and [h["iteration"] for h in summary["eval_history"]] == [0, 1]
     assert (run / "checkpoint" / "trainer_state.pt").is_file()
 
@@ -166,7 +165,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     (["--vllm-enforce-eager"], "--vllm-enforce-eager is for --backend vllm"),
 ])
 def test_grpo_bad_flags(flags, message, tmp_path):
-    result = _run("train_grpo.py", "--save-dir", str(tmp_path), *flags, timeout=120)
+    result = run_script("train_grpo.py", "--save-dir", str(tmp_path), *flags, timeout=120)
     assert result.returncode != 0 and message in result.stderr
 
 
