@@ -28,7 +28,7 @@ from atommem_env.protocols import Answer, Create, Read, SetScratchpad, Update, f
 from atommem_env.scoring import last_boxed
 from atommem_env.tasks import SupportingFact, Task
 
-from .backends import Generation
+from .generation import Generation
 from .prompt import build_messages, reader_messages
 
 

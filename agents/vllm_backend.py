@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import Generation, check_sampling
+from .generation import Generation, check_sampling
 from .prompt import encode_prompt
 
 
