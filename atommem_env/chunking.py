@@ -8,7 +8,11 @@ paragraphs; a paragraph longer than a chunk is cut at token boundaries. With `ov
 ``Document i:\n<title>\n<text>`` per paragraph, cut into hard windows of `chunk_tokens` tokens
 whatever the paragraph boundaries, each shown with `overlap` tokens before and after. The official
 code counts with the policy's tokenizer (give the env `token_counter="hf:<tokenizer>"`); tokens
-are counted per paragraph here, so a BPE merge across two paragraphs' boundary is not seen.
+are counted per paragraph here, so a BPE merge across two paragraphs' boundary is not seen. With `max_tokens`
+a longer document is centre-truncated first, as the official `MemoryDataset` truncates its context (verl's
+`truncation="center"` at `max_chunks x chunk_size` tokens): its first `max_tokens // 2` and last
+`max_tokens - max_tokens // 2` tokens are kept, and the windows run over them; where a window spans the cut,
+the two sides meet with one space.
 
 Only per-paragraph token counts are computed up front (cached by a 16-byte digest of the paragraph
 text, so the distractor paragraphs shared by many composed documents are counted once, and the cache
@@ -40,11 +44,13 @@ def _header(index: int, paragraph: Paragraph, official: bool) -> str:
 
 class Chunker:
     def __init__(self, paragraphs, counter: TokenCounter, chunk_tokens: int, overlap: int = 0,
-                 count_cache: dict | None = None, official: bool = False):
+                 count_cache: dict | None = None, official: bool = False, max_tokens: int | None = None):
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
         if overlap < 0:
             raise ValueError(f"chunk overlap must be >= 0, got {overlap}")
+        if max_tokens is not None and not official:
+            raise ValueError("max_tokens centre-truncates as the official loop does; it needs official=True")
         self.paragraphs = paragraphs
         self.counter = counter
         self.chunk_tokens = chunk_tokens
@@ -63,9 +69,14 @@ class Chunker:
         self.counts = counts
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.total_tokens = int(self.offsets[-1])
+        # [start, end) document positions that are read: all of them, or the two ends the official loop keeps.
+        self.kept = [(0, self.total_tokens)]
+        if max_tokens is not None and self.total_tokens > max_tokens:
+            self.kept = [(0, max_tokens // 2), (self.total_tokens - (max_tokens - max_tokens // 2), self.total_tokens)]
+        self.read_tokens = sum(end - start for start, end in self.kept)
         if official:  # hard windows, as the official chunk_context
-            self.bounds = [(start, min(start + chunk_tokens, self.total_tokens))
-                           for start in range(0, max(self.total_tokens, 1), chunk_tokens)]
+            self.bounds = [(start, min(start + chunk_tokens, self.read_tokens))
+                           for start in range(0, max(self.read_tokens, 1), chunk_tokens)]
         else:
             self.bounds = self._pack()
 
@@ -95,12 +106,19 @@ class Chunker:
         return end - start
 
     def _span(self, index: int) -> tuple[int, int]:
+        """[start, end) of chunk `index` with its overlap, in positions of the kept tokens."""
         start, end = self.bounds[index]
-        return max(0, start - self.overlap), min(self.total_tokens, end + self.overlap)
+        return max(0, start - self.overlap), min(self.read_tokens, end + self.overlap)
 
     def chunk(self, index: int) -> str:
         start, end = self._span(index)
-        return self.text_of_range(start, end)
+        pieces, offset = [], 0
+        for kept_start, kept_end in self.kept:
+            lo, hi = max(start, offset), min(end, offset + kept_end - kept_start)
+            if lo < hi:
+                pieces.append(self.text_of_range(kept_start + lo - offset, kept_start + hi - offset))
+            offset += kept_end - kept_start
+        return " ".join(pieces)
 
     def text_of_range(self, start: int, end: int) -> str:
         pieces = []

@@ -1,8 +1,12 @@
-"""The AtomMem environment: read a long document chunk by chunk, keep memory with CRUD ops, answer."""
+"""The AtomMem environment: read a long document chunk by chunk, keep memory with CRUD ops, answer.
+
+The class docstring below is the spec. The work is split by concern: parsing actions in `protocols`, applying
+their memory operations in `operations`, what the agent is shown in `rendering`, choosing tasks in `tasks`,
+scoring in `scoring`.
+"""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any
 
@@ -12,50 +16,27 @@ from gymnasium import spaces
 
 from .chunking import Chunker
 from .embedders import get_embedder
-from .memory import MemoryOpError, Scratchpad, VectorMemory
-from .protocols import (OP_NAMES, PROTOCOLS, Answer, Create, Delete, Read, SetQuery, SetScratchpad, Update,
-                        parse_action)
+from .memory import Scratchpad, VectorMemory
+from .operations import ALL_OPS, MEMORY_OPS, MemoryOperations
+from .protocols import PROTOCOLS, normalize_action, parse_action
+from .rendering import ObservationRendering
+from .scoring import score_episode
 from .spaces import UnicodeText
-from .scoring import exact_match, f1_score, last_boxed, official_score, paper_match, sub_exact_match
-from .tasks import Task, TaskSource
+from .tasks import Task, TaskSource, choose_task
 from .tokens import make_token_counter
 
-MEMORY_OPS = ("create", "read", "update", "delete")
-ALL_OPS = MEMORY_OPS + ("scratchpad", "query")
 _TEXT_LIMIT = 1 << 30
 _COUNTER = spaces.Box(low=0, high=np.iinfo(np.int64).max, shape=(), dtype=np.int64)
-_FEEDBACK_CHARS = 2000
-_MESSAGE_CHARS = 240
 PAPER_DEFAULT_QUERY = "defult query, change it!"
 """The paper protocol's query before the agent sets one: the official loop's placeholder, spelling and all."""
-PAPER_NO_MEMORY = "No previous memory"
-"""What the official loop shows where the query retrieves nothing."""
-PAPER_QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
-"""The official loop's prefix on every retrieval query (its Qwen3-Embedding instruction)."""
 PAPER_MAX_STEPS = 41
-"""The official loop ends an episode after its 41st reply (`max_chunks` 40: a step past it), whatever the length."""
-PAPER_RETRIEVED_TOKENS = 4096
-"""The official loop cuts the retrieved memories it shows to this many tokens."""
-_OFFICIAL_TAG = re.compile(r"<(\w+)[^>]*>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
-_OFFICIAL_MODIFY = re.compile(r"Memory\s+(\d+)\s*:\s*(.*)", re.DOTALL)
-_OFFICIAL_DELETE = re.compile(r"Memory\s+(\d+)", re.DOTALL)
-_OFFICIAL_KINDS = {"add_memory": "create", "modify_memory": "update", "delete_memory": "delete",
-                   "update_memory": "scratchpad", "update_query": "query", "final_answer": "answer"}
-
-
-class _OfficialAbort(Exception):
-    """Where the official loop raises inside a reply (and catches it): the rest of the reply is dropped."""
-PAPER_QUERY_UPDATES = 3
-"""Paper protocol: query updates allowed per question in a row; one more skips the question."""
+"""The official loop ends an episode after its 41st reply (`max_chunks` 40: a step past it), whatever the length;
+its data set centre-truncates a longer context to `max_chunks` x chunk_tokens tokens (40 chunks)."""
 ANSWER_MATCHING = ("pooled", "per_question")
+ENTRY_IDS = ("sequential", "random")
 
 
-def _indented(text: str) -> str:
-    """An entry's later lines, indented: only an entry's first line starts with `[id N]` or `Memory i:`."""
-    return text.replace("\n", "\n    ")
-
-
-class AtomMemEnv(gym.Env):
+class AtomMemEnv(MemoryOperations, ObservationRendering, gym.Env):
     """
     ## Description
     A question-answering POMDP over a long document. The agent sees the document one chunk at a
@@ -121,7 +102,9 @@ class AtomMemEnv(gym.Env):
     Truncation: `max_answer_steps` answer-phase steps without all answers, or `max_steps` steps.
 
     Paper protocol: the official AtomMem loop, its quirks included (docs/eval.md: each behaviour with
-    the official file and lines). The query's top-k entries (the query prefixed with the official
+    the official file and lines). As the official data, a data file's sentences are joined with nothing
+    between them, and a document over 40 x `chunk_tokens` tokens is centre-truncated to its first and
+    last 20 x `chunk_tokens` (so at most 40 chunks). The query's top-k entries (the query prefixed with the official
     embedding instruction) are shown at every step, from the first (with the placeholder query),
     cut to 4096 tokens. Every paired tag `<name ...>...</name>` is consumed in reply order, whatever
     its name, so operations inside `<think>` never run. The chunk moves on after an add or modify tag
@@ -138,7 +121,8 @@ class AtomMemEnv(gym.Env):
     `paper_fixes=True` gives the intended behaviour instead: a reply without tags moves on,
     malformed or unknown references are error lines while the rest of the reply applies, ids are
     ASCII digits, tags inside other tags run, the entry and scratchpad limits apply, answers after
-    the last question are errors, and the step cap is 2 x chunks + 4 x questions.
+    the last question are errors, the step cap is 2 x chunks + 4 x questions, sentences are joined
+    with a space and the whole document is read.
 
     ## Arguments
     - `dataset`: "synthetic" (default; no data files), "hotpotqa", "2wiki", "musique", or a TaskSource.
@@ -159,6 +143,8 @@ class AtomMemEnv(gym.Env):
       "pooled" or "per_question".
     - `max_entries` (None), `max_entry_chars` and `max_scratchpad_chars` ("auto": 2000 and 4000, none in the
       official paper loop), `max_action_chars` (100000).
+    - `entry_ids`: "sequential" (1, 2, 3, ...) or "random" (drawn from `self.np_random`, 1 to 999,999, never
+      reused in an episode), so that an id does not tell which entry was written later.
     - `embedder`: "minilm" (default, all-MiniLM-L6-v2), "hashing" (fast, model-free) or "st:<model>".
     - `index_precision` ("fp32" exact or "fp16"), `device` ("cpu", or "cuda[:N]" with faiss-gpu).
     - `invalid_op_penalty` (0.0), `render_mode` (None or "ansi").
@@ -189,7 +175,8 @@ class AtomMemEnv(gym.Env):
     ## Version History
     - v0: initial release. Before the first release, the paper protocol was brought to the official
       loop's rules (the points in docs/eval.md) and the `query` observation key was added; then the
-      official loop's quirks and scorer became the default, the earlier rules `paper_fixes=True`.
+      official loop's quirks and scorer became the default, the earlier rules `paper_fixes=True`;
+      last, the official loop's sentence join and centre truncation.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -223,6 +210,7 @@ class AtomMemEnv(gym.Env):
         max_entry_chars: int | None | str = "auto",
         max_scratchpad_chars: int | None | str = "auto",
         max_action_chars: int = 100_000,
+        entry_ids: str = "sequential",
         embedder: str = "minilm",
         index_precision: str = "fp32",
         device: str = "cpu",
@@ -243,6 +231,8 @@ class AtomMemEnv(gym.Env):
             raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
         if answer_matching is not None and answer_matching not in ANSWER_MATCHING:
             raise ValueError(f"answer_matching must be None or one of {ANSWER_MATCHING}, got {answer_matching!r}")
+        if entry_ids not in ENTRY_IDS:
+            raise ValueError(f"entry_ids must be one of {ENTRY_IDS}, got {entry_ids!r}")
         if invalid_op_penalty < 0:
             raise ValueError(f"invalid_op_penalty must be >= 0, got {invalid_op_penalty}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -259,15 +249,15 @@ class AtomMemEnv(gym.Env):
 
         from .data import make_task_source  # the data package imports the task record from here
 
+        self.official = protocol == "paper" and not paper_fixes  # the official loop, quirks and all
         self.task_source = dataset if not isinstance(dataset, str) else make_task_source(
             dataset, data_path=data_path, split=split, context_tokens=context_tokens, num_documents=num_documents,
             multi_query=multi_query, synthetic=synthetic, max_tasks=max_tasks, skip_malformed=skip_malformed,
-            composition=composition)
+            composition=composition, official_text=self.official)
         self.chunk_tokens = int(chunk_tokens)
         self.chunk_overlap = int(chunk_overlap)
         self.token_counter = make_token_counter(token_counter)
         self.protocol = protocol
-        self.official = protocol == "paper" and not paper_fixes  # the official loop, quirks and all
         self.use_scratchpad = use_scratchpad
         self.top_k = int(top_k)
         self.max_reads_per_chunk = int(max_reads_per_chunk)
@@ -285,6 +275,7 @@ class AtomMemEnv(gym.Env):
         self.memory = VectorMemory(get_embedder(embedder), max_entries=max_entries, max_entry_chars=max_entry_chars,
                                    precision=index_precision, device=device)
         self.scratchpad = Scratchpad(max_scratchpad_chars)
+        self.entry_ids = entry_ids
         self._count_cache: dict[str, int] = {}
         self._text_counts: dict[str, int] = {}
 
@@ -304,21 +295,15 @@ class AtomMemEnv(gym.Env):
         self.task: Task | None = None
         self._obs: dict | None = None
 
-    # ------------------------------------------------------------------ episode
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         options = options or {}
-        if "task" in options:
-            if not isinstance(options["task"], Task):
-                raise ValueError("options['task'] must be an atommem_env.tasks.Task")
-            self.task = options["task"]
-        elif "task_index" in options:
-            self.task = self.task_source.get(int(options["task_index"]))
-        else:
-            self.task = self.task_source.sample(self.np_random)
+        self.task = choose_task(self.task_source, self.np_random, options)
         self.chunker = Chunker(self.task.paragraphs, self.token_counter, self.chunk_tokens, self.chunk_overlap,
-                               count_cache=self._count_cache, official=self.official)
+                               count_cache=self._count_cache, official=self.official,
+                               max_tokens=(PAPER_MAX_STEPS - 1) * self.chunk_tokens if self.official else None)
         self.memory.clear()
+        self.memory.id_rng = self.np_random if self.entry_ids == "random" else None
         self.scratchpad.clear()
         self.chunk_index = 0
         self.steps_on_chunk = 0
@@ -358,19 +343,9 @@ class AtomMemEnv(gym.Env):
             nonlocal invalid
             messages.append(f"error: {text}")
             invalid += 1
-        if isinstance(action, bytes):
-            action = action.decode("utf-8", errors="replace")
-        if not isinstance(action, str):
-            error(f"the action must be a string, got {type(action).__name__}; nothing was done")
-            action = ""
-        try:
-            action.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: no tokenizer or file takes them
-            action = action.encode("utf-8", errors="replace").decode("utf-8")
-            error("the action holds characters that are not valid Unicode (lone surrogates); they were read as '?'")
-        if len(action) > self.max_action_chars:
-            error(f"the action has {len(action)} characters; only the first {self.max_action_chars} were read")
-            action = action[:self.max_action_chars]
+        action, problems = normalize_action(action, self.max_action_chars)
+        for problem in problems:
+            error(problem)
 
         self.steps += 1
         if self.official:  # the official loop reads replies its own way
@@ -398,380 +373,9 @@ class AtomMemEnv(gym.Env):
         info = self._info(invalid)
         reward = -self.invalid_op_penalty * invalid
         if self.done:
-            scores = self._score()
+            scores = score_episode(self.task.questions, self.answers, self.replies, self.protocol, self.official,
+                                   self.answer_matching)
             reward += scores["em"]
             info.update(scores, answers=tuple(self.answers.get(i, "") for i in range(len(self.task.questions))),
                         gold_answers=tuple(q.answers for q in self.task.questions))
         return self._obs, float(reward), terminated, truncated, info
-
-    # ------------------------------------------------------------------ helpers
-    def _atommem_step(self, parsed, messages: list[str], error) -> tuple[bool, str]:
-        """Applies the ops in order; a Read keeps the chunk (up to max_reads_per_chunk). (terminated, retrieved)."""
-        answering = self.chunk_index >= len(self.chunker)
-        reads: list[str] = []
-        for op in parsed.ops:
-            name = OP_NAMES[type(op)]
-            if name != "answer" and name not in self.enabled_ops:
-                error(f"'{name}' is disabled in this environment")
-                continue
-            try:
-                if isinstance(op, Read):
-                    self.memory.check_query(op.query)
-                    reads.append(op.query)
-                elif isinstance(op, Update):
-                    self.memory.update(op.entry_id, op.text)
-                    messages.append(f"updated entry {op.entry_id}")
-                elif isinstance(op, Answer):
-                    self._record_answer(op, answering)
-                else:
-                    self._apply_shared(op, messages)
-            except MemoryOpError as err:
-                error(f"{name}: {err}")
-                continue
-            self.op_counts[name] += 1
-        retrieved = self._retrieve(reads)
-        if answering:
-            self.answer_steps += 1
-            return len(self.answers) == len(self.task.questions), retrieved
-        if reads and self.steps_on_chunk < self.max_reads_per_chunk:
-            self.steps_on_chunk += 1
-        else:
-            self._next_chunk(messages)
-        return False, retrieved
-
-    def _paper_step(self, parsed, action: str, messages: list[str], error) -> tuple[bool, str]:
-        """The official AtomMem loop: ops in order; an answer (or a skipped question) moves to the next question and
-        the last one ends the episode, also before the last chunk; while reading, the chunk moves on after an add or
-        modify tag (even a failed one) or a reply without any paired tag. (terminated, retrieved)."""
-        answering = self.chunk_index >= len(self.chunker)
-        move_on = any(tag in ("add_memory", "modify_memory") for tag in parsed.tags) or not _OFFICIAL_TAG.search(action)
-        ended = False
-        for op in parsed.ops:
-            name = OP_NAMES[type(op)]
-            if ended:
-                error(f"'{name}' after the last question: ignored")
-                continue
-            if name != "answer" and name not in self.enabled_ops:
-                error(f"'{name}' is disabled in this environment")
-                continue
-            try:
-                if isinstance(op, SetQuery):
-                    if self.query_updates >= PAPER_QUERY_UPDATES:
-                        error(f"query: more than {PAPER_QUERY_UPDATES} query updates in a row for question "
-                              f"{self.question_index + 1}: it is skipped, unanswered")
-                        ended = self._next_question()
-                        continue
-                    self.memory.check_query(op.query)
-                    self.query = op.query
-                    self.query_updates += 1
-                elif isinstance(op, Update):  # as the official code: delete, then add anew (a new id, a new rank)
-                    entry_id = self._resolve(None, op.rank)
-                    self.memory.check_text(op.text)
-                    self.memory.delete(entry_id)
-                    messages.append(f"replaced entry {entry_id} by entry {self.memory.create(op.text)}")
-                elif isinstance(op, Answer):
-                    self.answers[self.question_index] = op.text
-                    ended = self._next_question()
-                else:
-                    self._apply_shared(op, messages)
-            except MemoryOpError as err:
-                error(f"{name}: {err}")
-                continue
-            self.op_counts[name] += 1
-            if name in ("create", "update", "delete", "scratchpad"):
-                self.query_updates = 0
-        return ended, self._finish_paper_step(answering, move_on and not ended, messages)
-
-    def _official_step(self, action: str, messages: list[str], error) -> tuple[bool, str]:
-        """One reply, as the official loop's `parse_action` handles it (docs/eval.md: each behaviour with the official
-        lines). Every paired tag, of any name, is consumed in order (so tags inside `<think>` never run); a reply
-        with none, a modify or delete without `Memory i`, or a `Memory i` the shown list cannot index raises there,
-        and is caught: the rest of the reply is dropped and the chunk stays. Otherwise an add or modify moves the
-        chunk on. Answers are recorded; the score comes from every reply (`official_score`). (terminated, retrieved)
-        """
-        answering = self.chunk_index >= len(self.chunker)
-        self.replies.append(action)
-        move_on = ended = False
-        try:
-            tags = _OFFICIAL_TAG.findall(action)
-            if not tags:
-                raise _OfficialAbort("the reply has no paired tag")
-            for name, content in tags:
-                name, content = name.lower(), content.strip()
-                kind = _OFFICIAL_KINDS.get(name)
-                if kind is None:
-                    continue  # <think> and other unknown tags: consumed, nothing done
-                if kind != "answer" and kind not in self.enabled_ops:
-                    error(f"'{kind}' is disabled in this environment")
-                    move_on = move_on or name in ("add_memory", "modify_memory")  # the reply still reads on
-                    continue
-                if name == "update_query":
-                    if self.query_updates >= PAPER_QUERY_UPDATES:
-                        messages.append(f"more than {PAPER_QUERY_UPDATES} query updates in a row for question "
-                                        f"{self.question_index + 1}: it is skipped, unanswered")
-                        ended = self._next_question() or ended
-                        continue
-                    if content:
-                        self.query = content
-                    self.query_updates += 1
-                elif name == "final_answer":
-                    self.answers[self.question_index] = content
-                    ended = self._next_question() or ended
-                else:
-                    try:
-                        self._official_memory_op(name, content, messages)
-                    except MemoryOpError as err:  # a limit the user set (max_entries); the official code has none
-                        error(f"{kind}: {err}")
-                        continue
-                    self.query_updates = 0
-                    move_on = move_on or name in ("add_memory", "modify_memory")
-                if content or name != "add_memory":  # an empty add stores nothing: no Create to count
-                    self.op_counts[kind] += 1
-        except _OfficialAbort as err:
-            error(f"{err}: the rest of the reply is dropped and the chunk stays (the official loop raises here "
-                  "and catches it)")
-            move_on = False
-        return ended, self._finish_paper_step(answering, move_on and not ended, messages)
-
-    def _finish_paper_step(self, answering: bool, move_on: bool, messages: list[str]) -> str:
-        """Both paper loops after a reply: the memories for the query shown next, the step counted, the chunk moved
-        on if the reply read on; returns the memories shown."""
-        retrieved = self._paper_retrieve()
-        if answering:
-            self.answer_steps += 1
-        elif move_on:
-            self._next_chunk(messages)
-        return retrieved
-
-    def _official_memory_op(self, name: str, content: str, messages: list[str]) -> None:
-        """add_memory, modify_memory, delete_memory, update_memory of the official loop; `Memory i` indexes the
-        list shown with this reply's prompt as Python does (`Memory 0` is the last one)."""
-        if name == "update_memory":
-            self.scratchpad.set(content)
-            return
-        if name == "add_memory":
-            if content:
-                messages.append(f"created entry {self.memory.create(content)}")
-            return
-        m = (_OFFICIAL_MODIFY if name == "modify_memory" else _OFFICIAL_DELETE).match(content)
-        if m is None:
-            raise _OfficialAbort(f"<{name}> does not start with 'Memory i'")
-        position = int(m.group(1)) - 1
-        if position >= len(self.shown_texts):
-            messages.append(f"Memory {m.group(1)} is not among the {len(self.shown_texts)} shown: nothing changed")
-            return
-        try:
-            old = self.shown_texts[position]
-        except IndexError:
-            raise _OfficialAbort(f"Memory {m.group(1)} with {len(self.shown_texts)} memories shown") from None
-        # As the official code: the first stored entry with that text goes, then the new text (if any) is added.
-        first = next((e.id for e in self.memory.entries() if e.text == old), None)
-        if first is not None:
-            self.memory.delete(first)
-            messages.append(f"deleted entry {first}")
-        new = m.group(2).strip() if name == "modify_memory" else ""
-        if new:
-            messages.append(f"created entry {self.memory.create(new)}")
-
-    def _apply_shared(self, op, messages: list[str]) -> None:
-        """Create, Delete and SetScratchpad, the same in both protocols; a MemoryOpError changes nothing."""
-        if isinstance(op, Create):
-            messages.append(f"created entry {self.memory.create(op.text)}")
-        elif isinstance(op, Delete):
-            entry_id = self._resolve(op.entry_id, op.rank)
-            self.memory.delete(entry_id)
-            messages.append(f"deleted entry {entry_id}")
-        elif isinstance(op, SetScratchpad):
-            self.scratchpad.set(op.text)
-        else:
-            raise TypeError(f"{op!r} is not handled here")
-
-    def _next_chunk(self, messages: list[str]) -> None:
-        self.chunk_index += 1
-        self.steps_on_chunk = 0
-        if self.chunk_index == len(self.chunker):
-            messages.append("that was the last chunk: answer now")
-
-    def _next_question(self) -> bool:
-        """Paper protocol: on to the next question with a fresh query budget; True when none is left."""
-        self.question_index += 1
-        self.query_updates = 0
-        return self.question_index >= len(self.task.questions)
-
-    def _prefetch_embeddings(self, ops) -> None:
-        """One batched embedding call per step; the ops below then hit the embedder's cache.
-
-        Only texts that pass the limits are embedded: an op that will be refused costs no embedding.
-        """
-        texts = [op.text for op in ops if isinstance(op, (Create, Update)) and OP_NAMES[type(op)] in self.enabled_ops]
-        texts += [op.query for op in ops if isinstance(op, (Read, SetQuery)) and OP_NAMES[type(op)] in self.enabled_ops]
-        texts = [t.strip() for t in texts if self.memory.accepts(t)]
-        if texts:
-            self.memory.embedder.embed(texts)
-
-    def _resolve(self, entry_id: int | None, rank: int | None) -> int:
-        if entry_id is not None:
-            return entry_id
-        if not 1 <= rank <= len(self.shown_ids):
-            raise MemoryOpError(f"Memory {rank} is not among the {len(self.shown_ids)} entries shown at this step")
-        return self.shown_ids[rank - 1]
-
-    def _record_answer(self, op: Answer, answering: bool) -> None:
-        if not answering:
-            raise MemoryOpError(f"answers are accepted after the last chunk (this is chunk {self.chunk_index + 1}"
-                                f" of {len(self.chunker)})")
-        n = len(self.task.questions)
-        if op.question is None:
-            unanswered = [i for i in range(n) if i not in self.answers]
-            if not unanswered:
-                raise MemoryOpError("every question is answered already")
-            index = unanswered[0]
-        elif op.question > n:
-            raise MemoryOpError(f"there is no question {op.question}; this task has {n}")
-        elif op.question - 1 in self.answers:
-            raise MemoryOpError(f"question {op.question} is answered already")
-        else:
-            index = op.question - 1
-        self.answers[index] = op.text
-
-    def _paper_retrieve(self) -> str:
-        """The top-k entries for the persistent query as `Memory i:` lines, remembered for modify and delete.
-        The official loop prefixes the query with its embedding instruction, shows its placeholder where nothing is
-        found, leaves entries' later lines as they are and cuts the list to 4096 tokens."""
-        query = PAPER_QUERY_INSTRUCTION + self.query if self.official else self.query
-        found = self.memory.read(query, self.top_k) if len(self.memory) and "query" in self.enabled_ops else []
-        self.shown_ids = [e.id for e in found]
-        self.shown_texts = [e.text for e in found]
-        if not self.official:
-            return "\n".join(f"Memory {rank}: {_indented(e.text)}" for rank, e in enumerate(found, start=1))
-        text = "\n".join(f"Memory {rank}: {e.text}" for rank, e in enumerate(found, start=1)) or PAPER_NO_MEMORY
-        spans = self.token_counter.spans(text)
-        return text[:spans[PAPER_RETRIEVED_TOKENS - 1][1]] if len(spans) > PAPER_RETRIEVED_TOKENS else text
-
-    def _retrieve(self, reads: list[str]) -> str:
-        if not reads:
-            return ""
-        lines, seen = [], set()
-        for query, found in zip(reads, self.memory.read_many(reads, self.top_k)):
-            if not found:
-                lines.append(f"(no entries for: {query})")
-            for entry in found:
-                if entry.id not in seen:
-                    seen.add(entry.id)
-                    lines.append(f"[id {entry.id}] {_indented(entry.text)}")
-        return "\n".join(lines)
-
-    @staticmethod
-    def _feedback(lines: list[str]) -> str:
-        """Messages in order, each cut to _MESSAGE_CHARS, so one long message cannot push out the others."""
-        text = ""
-        for i, line in enumerate(lines):
-            if len(line) > _MESSAGE_CHARS:
-                line = line[:_MESSAGE_CHARS - 6] + " [...]"
-            if len(text) + len(line) + 1 > _FEEDBACK_CHARS:
-                return text + f"\n(... {len(lines) - i} more messages)"
-            text = f"{text}\n{line}" if text else line
-        return text
-
-    def _count_once(self, text: str) -> int:
-        """Token count of the question or query, recounted only when the text changes (they repeat every step)."""
-        cached = self._text_counts.get(text)
-        if cached is None:
-            if len(self._text_counts) > 64:
-                self._text_counts.clear()
-            cached = self._text_counts[text] = self.token_counter.count(text)
-        return cached
-
-    def _question_text(self) -> str:
-        questions = self.task.questions
-        if self.protocol == "paper" and self.chunk_index >= len(self.chunker):  # answered one at a time
-            return questions[min(self.question_index, len(questions) - 1)].question
-        if len(questions) == 1:
-            return questions[0].question
-        if self.official:  # the official reading template joins the questions, unnumbered
-            return "\n".join(q.question for q in questions)
-        return "\n".join(f"Q{i}: {q.question}" for i, q in enumerate(questions, start=1))
-
-    def _observation(self, retrieved: str, feedback: str) -> dict:
-        answering = self.chunk_index >= len(self.chunker)
-        chunk = "" if answering else self.chunker.chunk(self.chunk_index)
-        scratchpad = self.scratchpad.text if self.use_scratchpad else ""
-        if self.protocol == "paper":
-            left = PAPER_QUERY_UPDATES - self.query_updates
-        elif answering:
-            left = self.max_answer_steps - self.answer_steps
-        else:
-            left = self.max_reads_per_chunk - self.steps_on_chunk
-        question = self._question_text()
-        self.tokens_shown += (self._count_once(question) + self._count_once(self.query)
-                              + (0 if answering else self.chunker.chunk_token_count(self.chunk_index))
-                              + self.token_counter.count(scratchpad) + self.token_counter.count(retrieved))
-        return {
-            "question": question,
-            "chunk": chunk,
-            "scratchpad": scratchpad,
-            "retrieved": retrieved,
-            "feedback": feedback,
-            "query": self.query,
-            "chunk_index": np.array(self.chunk_index, dtype=np.int64),
-            "num_chunks": np.array(len(self.chunker), dtype=np.int64),
-            "memory_size": np.array(len(self.memory), dtype=np.int64),
-            "reads_left": np.array(left, dtype=np.int64),
-        }
-
-    def _info(self, invalid: int) -> dict:
-        return {
-            "task_id": self.task.task_id,
-            "chunk_index": self.chunk_index,
-            "num_chunks": len(self.chunker),
-            "memory_size": len(self.memory),
-            "invalid_ops": invalid,
-            "total_invalid_ops": self.total_invalid_ops,
-            "op_counts": dict(self.op_counts),
-            "tokens_shown": self.tokens_shown,
-        }
-
-    def _score(self) -> dict:
-        """em (the reward before shaping) and f1, means over questions; with the paper protocol also question_em
-        (each answer against its own question) and official_score (the official scorer over every reply).
-
-        em: atommem, exact match per question; paper, the official score with "pooled" matching (it may pass 1:
-        every boxed reply earns credit) or question_em's mean with "per_question"; paper_fixes, each question's
-        answer against the gold answers of all questions ("pooled") or of its own.
-        """
-        questions = self.task.questions
-        pooled = tuple(g for q in questions for g in q.answers)
-        answers = [self.answers.get(i) for i in range(len(questions))]
-        # The official data keep one gold answer per question (MuSiQue: `[answer]`, no `answer_aliases`).
-        golds = [q.answers[:1] if self.official else q.answers for q in questions]
-        if self.protocol == "atommem":
-            ems = [0.0 if a is None else exact_match(a, q.answers) for a, q in zip(answers, questions)]
-            f1s = [0.0 if a is None else f1_score(a, q.answers) for a, q in zip(answers, questions)]
-            subs = [0.0 if a is None else sub_exact_match(a, q.answers) for a, q in zip(answers, questions)]
-            return {"em": float(np.mean(ems)), "f1": float(np.mean(f1s)), "sub_em": float(np.mean(subs))}
-        own = [0.0 if a is None else paper_match(a, g) for a, g in zip(answers, golds)]
-        f1s = [0.0 if a is None else f1_score(last_boxed(a) or "", g) for a, g in zip(answers, golds)]
-        subs = [0.0 if a is None else sub_exact_match(last_boxed(a) or "", g) for a, g in zip(answers, golds)]
-        official = official_score(self.replies, golds)
-        if self.answer_matching == "per_question":
-            em = float(np.mean(own))
-        elif self.official:
-            em = official
-        else:
-            em = float(np.mean([0.0 if a is None else paper_match(a, pooled) for a in answers]))
-        return {"em": em, "f1": float(np.mean(f1s)), "sub_em": float(np.mean(subs)), "question_em": tuple(own),
-                "official_score": official}
-
-    def render(self):
-        if self.render_mode != "ansi" or self._obs is None:
-            return None
-        o = self._obs
-        phase = "answer phase" if int(o["chunk_index"]) >= int(o["num_chunks"]) else \
-            f"chunk {int(o['chunk_index']) + 1}/{int(o['num_chunks'])}"
-        parts = [f"== {self.task.task_id} | {phase} | memory {int(o['memory_size'])} entries ==",
-                 f"question: {o['question']}"]
-        for key in ("scratchpad", "query", "retrieved", "feedback", "chunk"):
-            if o[key]:
-                parts.append(f"-- {key} --\n{o[key]}")
-        return "\n".join(parts) + "\n"
-

@@ -35,6 +35,7 @@ from .embedders import Embedder, get_embedder
 # BLAS, 64 queries 80 ms with BLAS vs 819 ms without (bench/bench_faiss.py). `read_many` picks per call.
 _BLAS_THRESHOLD_SINGLE_QUERY = faiss.cvar.distance_compute_blas_threshold
 _BLAS_THRESHOLD_BATCH = 1
+_RANDOM_ID_LIMIT = 1_000_000
 
 # FAISS's OpenMP thread pool does not survive fork: a child (an AsyncVectorEnv worker) that searches
 # after the parent did would wait forever on the parent's threads. Forked children search on one
@@ -81,6 +82,10 @@ class VectorMemory:
         self.index = self._new_index()
         self._texts: dict[int, str] = {}
         self._next_id = 1
+        self.id_rng: np.random.Generator | None = None
+        """When set, new ids are drawn from it (1 to 999,999, never one used since the last clear), so an id says
+        nothing of when its entry was made; else ids count up from 1."""
+        self._used_ids: set[int] = set()
 
     def _new_index(self):
         dim = self.embedder.dim
@@ -132,10 +137,22 @@ class VectorMemory:
         texts = [self.check_text(t) for t in texts]
         if self.max_entries is not None and len(self) + len(texts) > self.max_entries:
             raise MemoryOpError(f"memory is full ({len(self)} of {self.max_entries} entries): update or delete first")
-        ids = list(range(self._next_id, self._next_id + len(texts)))
+        ids = self._new_ids(len(texts))
         self.index.add_with_ids(self.embedder.embed(texts), np.asarray(ids, dtype=np.int64))
-        self._next_id += len(texts)
         self._texts.update(zip(ids, texts))
+        return ids
+
+    def _new_ids(self, count: int) -> list[int]:
+        if self.id_rng is None:
+            ids = list(range(self._next_id, self._next_id + count))
+            self._next_id += count
+            return ids
+        ids = []
+        while len(ids) < count:
+            candidate = int(self.id_rng.integers(1, _RANDOM_ID_LIMIT))
+            if candidate not in self._used_ids:
+                self._used_ids.add(candidate)
+                ids.append(candidate)
         return ids
 
     def read(self, query: str, k: int) -> list[MemoryEntry]:
@@ -185,6 +202,7 @@ class VectorMemory:
         self.index.reset()
         self._texts.clear()
         self._next_id = 1
+        self._used_ids.clear()
 
     def __getstate__(self):
         # FAISS indexes do not pickle: carry the entries and rebuild the index on arrival.

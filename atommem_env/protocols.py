@@ -273,7 +273,36 @@ _PAPER_BUILDERS = {
     "final_answer": _simple(Answer, "answer"),
 }
 
+OFFICIAL_TAG = re.compile(r"<(\w+)[^>]*>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
+"""The official loop's reading of a reply (paper protocol, paper_fixes off): every paired tag, of any name, in order."""
+OFFICIAL_MODIFY = re.compile(r"Memory\s+(\d+)\s*:\s*(.*)", re.DOTALL)
+OFFICIAL_DELETE = re.compile(r"Memory\s+(\d+)", re.DOTALL)
+OFFICIAL_KINDS = {"add_memory": "create", "modify_memory": "update", "delete_memory": "delete",
+                  "update_memory": "scratchpad", "update_query": "query", "final_answer": "answer"}
+"""The official tags and the operation each counts as; other tags (`<think>`) are consumed and do nothing."""
+
+
 PROTOCOLS = ("atommem", "paper")
+
+
+def normalize_action(action, max_chars: int) -> tuple[str, list[str]]:
+    """Any action as the text that is parsed, and the problems found on the way (each an invalid op): bytes are
+    decoded as UTF-8, a non-string does nothing, lone surrogates are read as "?", text past `max_chars` is cut."""
+    problems = []
+    if isinstance(action, bytes):
+        action = action.decode("utf-8", errors="replace")
+    if not isinstance(action, str):
+        problems.append(f"the action must be a string, got {type(action).__name__}; nothing was done")
+        action = ""
+    try:
+        action.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: no tokenizer or file takes them
+        action = action.encode("utf-8", errors="replace").decode("utf-8")
+        problems.append("the action holds characters that are not valid Unicode (lone surrogates); they were read as '?'")
+    if len(action) > max_chars:
+        problems.append(f"the action has {len(action)} characters; only the first {max_chars} were read")
+        action = action[:max_chars]
+    return action, problems
 
 
 def parse_action(action: str, protocol: str = "atommem") -> ParseResult:

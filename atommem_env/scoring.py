@@ -6,6 +6,8 @@ import collections
 import re
 import string
 
+import numpy as np
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 
@@ -117,3 +119,35 @@ def official_score(replies, questions_golds) -> float:
         elif "\\boxed{" in reply:
             total += paper_match(reply, pooled)
     return total / len(questions_golds)
+
+
+def score_episode(questions, answers: dict, replies, protocol: str, official: bool, answer_matching: str) -> dict:
+    """em (the reward before shaping) and f1, means over questions; with the paper protocol also question_em
+    (each answer against its own question) and official_score (the official scorer over every reply).
+
+    `answers` maps a question's index to its recorded answer; `official`: the official loop (paper_fixes off).
+    em: atommem, exact match per question; paper, the official score with "pooled" matching (it may pass 1:
+    every boxed reply earns credit) or question_em's mean with "per_question"; paper_fixes, each question's
+    answer against the gold answers of all questions ("pooled") or of its own.
+    """
+    pooled = tuple(g for q in questions for g in q.answers)
+    given = [answers.get(i) for i in range(len(questions))]
+    if protocol == "atommem":
+        ems = [0.0 if a is None else exact_match(a, q.answers) for a, q in zip(given, questions)]
+        f1s = [0.0 if a is None else f1_score(a, q.answers) for a, q in zip(given, questions)]
+        subs = [0.0 if a is None else sub_exact_match(a, q.answers) for a, q in zip(given, questions)]
+        return {"em": float(np.mean(ems)), "f1": float(np.mean(f1s)), "sub_em": float(np.mean(subs))}
+    # The official data keep one gold answer per question (MuSiQue: `[answer]`, no `answer_aliases`).
+    golds = [q.answers[:1] if official else q.answers for q in questions]
+    own = [0.0 if a is None else paper_match(a, g) for a, g in zip(given, golds)]
+    f1s = [0.0 if a is None else f1_score(last_boxed(a) or "", g) for a, g in zip(given, golds)]
+    subs = [0.0 if a is None else sub_exact_match(last_boxed(a) or "", g) for a, g in zip(given, golds)]
+    official_reward = official_score(replies, golds)
+    if answer_matching == "per_question":
+        em = float(np.mean(own))
+    elif official:
+        em = official_reward
+    else:
+        em = float(np.mean([0.0 if a is None else paper_match(a, pooled) for a in given]))
+    return {"em": em, "f1": float(np.mean(f1s)), "sub_em": float(np.mean(subs)), "question_em": tuple(own),
+            "official_score": official_reward}

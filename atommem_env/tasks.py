@@ -95,3 +95,14 @@ class ListTaskSource:
 
     def sample(self, rng: np.random.Generator) -> Task:
         return self.tasks[int(rng.integers(self.num_tasks))]
+
+
+def choose_task(source: TaskSource, rng: np.random.Generator, options: dict) -> Task:
+    """The task a reset starts: `options["task"]` (a Task), `options["task_index"]`, or one drawn with `rng`."""
+    if "task" in options:
+        if not isinstance(options["task"], Task):
+            raise ValueError("options['task'] must be an atommem_env.tasks.Task")
+        return options["task"]
+    if "task_index" in options:
+        return source.get(int(options["task_index"]))
+    return source.sample(rng)

@@ -2,10 +2,14 @@
 MMQ; scorer `verl/utils/reward_score/__init__.py`, RS): one test per row of issue 21's table, with its inputs.
 `paper_fixes=True` keeps the intended behaviour (test_paper_protocol.py)."""
 
+import json
+
 import pytest
 
+from conftest import FIXTURES
+
 from atommem_env import AtomMemEnv
-from atommem_env.env import PAPER_QUERY_INSTRUCTION
+from atommem_env.rendering import PAPER_QUERY_INSTRUCTION
 from atommem_env.scoring import official_score
 from atommem_env.tasks import ListTaskSource, Paragraph, Question, Task
 
@@ -229,6 +233,58 @@ def test_official_chunking_cuts_hard_windows():
     fixes = AtomMemEnv(dataset=ListTaskSource([task]), protocol="paper", paper_fixes=True, embedder="hashing",
                        chunk_tokens=4000, chunk_overlap=100)
     assert int(fixes.reset(seed=0)[0]["num_chunks"]) == 3  # whole paragraphs packed
+
+
+# Row 17: the official data script joins a paragraph's sentences with '' (taskutils/script/processing_multiquery.py
+# `read_hotpotqa`): 2WikiMultihopQA's sentences, which carry no leading space, run together there.
+def test_the_official_loop_joins_sentences_as_the_official_data_script(tmp_path):
+    records = json.loads((FIXTURES / "2wiki_dev_sample.json").read_text())
+    for record in records:  # the dev files' sentences, unlike this fixture's, start without a space
+        record["context"] = [[title, [s.strip() for s in sentences]] for title, sentences in record["context"]]
+    wiki = tmp_path / "dev.json"
+    wiki.write_text(json.dumps(records))
+    title, sentences = records[0]["context"][0]
+    assert len(sentences) > 1
+
+    def paragraph_text(**kwargs):
+        env = AtomMemEnv(dataset="2wiki", data_path=str(wiki), embedder="hashing", **kwargs)
+        return next(p.text for item in env.task_source.items for p in item.paragraphs if p.title == title)
+
+    assert paragraph_text(protocol="paper") == "".join(sentences)
+    spaced = " ".join(sentences)
+    assert paragraph_text(protocol="paper", paper_fixes=True) == paragraph_text() == spaced
+
+
+# Row 18: the official MemoryDataset centre-truncates the context to max_chunks x chunk_size tokens (verl
+# `postprocess_data`, truncation "center"): the first and last 20 chunks' worth are read, the middle never.
+def test_the_official_loop_centre_truncates_a_long_document_to_40_chunks():
+    pages = tuple(Paragraph(f"Page {i}", " ".join(f"w{i}x{j}" for j in range(95))) for i in range(50))
+    task = Task("long", pages, (TOWER,))
+
+    def chunks(**kwargs):
+        env = AtomMemEnv(dataset=ListTaskSource([task]), protocol="paper", embedder="hashing", chunk_tokens=100,
+                         **kwargs)
+        env.reset(seed=0)
+        return [env.chunker.chunk(i) for i in range(len(env.chunker))], env.chunker
+
+    official, chunker = chunks()
+    assert chunker.total_tokens > 40 * 100 and len(official) == 40
+    assert all(chunker.chunk_token_count(i) == 100 for i in range(40))
+    assert official[0].startswith("Document 1:\nPage 0\nw0x0") and official[-1].endswith("w49x94")
+    read = " ".join(official)
+    first_half = chunker.text_of_range(0, 2000)
+    assert official[19].endswith(first_half[-20:])  # the first 2,000 tokens, then the last 2,000
+    assert "w21x" not in read and "w20x" not in read.split(first_half[-20:])[1][:40]
+    fixes, whole = chunks(paper_fixes=True)
+    assert len(fixes) > 40 and "w21x" in " ".join(fixes) and whole.read_tokens == whole.total_tokens
+
+
+def test_centre_truncation_is_the_official_loops_alone():
+    from atommem_env.chunking import Chunker
+    from atommem_env.tokens import make_token_counter
+
+    with pytest.raises(ValueError, match="official=True"):
+        Chunker(PARAGRAPHS, make_token_counter("regex"), 40, max_tokens=80)
 
 
 # Row 16: the official multi-query data: disjoint groups, all context paragraphs of each question.

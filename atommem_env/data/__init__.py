@@ -17,14 +17,15 @@ __all__ = ["make_task_source", "load_items", "ComposedTaskSource", "SyntheticTas
 def make_task_source(dataset: str = "synthetic", *, data_path=None, split: str = "all", context_tokens=None,
                      num_documents=None, multi_query: bool = False, synthetic: dict | None = None,
                      max_tasks: int | None = None, skip_malformed: bool = False, seed: int = 0,
-                     token_counter="regex", composition: str = "atommem"):
+                     token_counter="regex", composition: str = "atommem", official_text: bool = False):
     """The env's task source from plain arguments (so `gym.make` kwargs stay simple values).
 
     - "synthetic": `synthetic` holds the generator's knobs (hops, distractors, volatility,
       questions, ...); `context_tokens` sets the document length; `max_tasks` bounds the pool.
     - "hotpotqa" / "2wiki" / "musique": `data_path` is the user's file; `split`, `context_tokens`,
       `num_documents`, `multi_query` and `composition` as in `ComposedTaskSource`; `max_tasks` keeps the
-      first N.
+      first N; `official_text`: paragraphs' sentences joined as the official data script joins them (the official
+      paper loop's data).
       Skipped (`skip_malformed`) and unanswerable records are counted in a warning and in the
       source's `load_stats` (the env's reset info shows them).
     """
@@ -44,7 +45,8 @@ def make_task_source(dataset: str = "synthetic", *, data_path=None, split: str =
     if synthetic:
         raise ValueError(f"synthetic= knobs apply to the synthetic dataset, not {dataset!r}")
     stats = LoadStats()
-    every_item = load_items(dataset, data_path, skip_malformed=skip_malformed, stats=stats)
+    every_item = load_items(dataset, data_path, skip_malformed=skip_malformed, stats=stats,
+                            official_text=official_text)
     items = select_split(every_item, split)
     if stats.skipped or stats.unanswerable:
         first = f"; first error: {stats.errors[0]}" if stats.errors else ""

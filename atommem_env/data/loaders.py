@@ -12,7 +12,8 @@ lines: the line) and the field. With `skip_malformed=True` bad records are skipp
 counted in `LoadStats.skipped` (with their errors kept). MuSiQue's *full* files mix in unanswerable
 questions (`"answerable": false`): they are always left out and counted in `LoadStats.unanswerable`.
 Sentences are joined with a space unless one is already there (HotpotQA's sentences carry their
-leading space, 2WikiMultihopQA's do not).
+leading space, 2WikiMultihopQA's do not); `official_text=True` joins them as the official AtomMem data script
+does (`''.join`, taskutils/script/processing_multiquery.py), which glues 2WikiMultihopQA's sentences together.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _supporting_pairs(facts, path, index) -> list[tuple[str, int]]:
     return pairs
 
 
-def _hotpot_like(record, path, index, dataset: str, stats: LoadStats) -> QAItem:
+def _hotpot_like(record, path, index, dataset: str, stats: LoadStats, official_text: bool) -> QAItem:
     question = _req(record, "question", str, path, index)
     answers = _answers(record, path, index)
     context = _sentence_paragraphs(_req(record, "context", (list, dict), path, index), path, index)
@@ -158,13 +159,15 @@ def _hotpot_like(record, path, index, dataset: str, stats: LoadStats) -> QAItem:
     qid = record.get("_id") or record.get("id") or _stable_id(dataset, question)
     return QAItem(
         question=Question(question=question, answers=answers, supporting_facts=tuple(supporting), question_id=str(qid)),
-        paragraphs=tuple(Paragraph(title, _join_sentences(sents)) for title, sents in context),
+        paragraphs=tuple(Paragraph(title, "".join(sents) if official_text else _join_sentences(sents))
+                         for title, sents in context),
         gold_titles=frozenset(t for t, _ in facts),
         dataset=dataset,
     )
 
 
-def _musique(record, path, index, dataset: str, stats: LoadStats) -> QAItem | None:
+def _musique(record, path, index, dataset: str, stats: LoadStats, official_text: bool) -> QAItem | None:
+    """MuSiQue paragraphs come as one text: `official_text` changes nothing."""
     question = _req(record, "question", str, path, index)
     answerable = record.get("answerable", True)
     if not isinstance(answerable, bool):
@@ -201,8 +204,9 @@ _PARSERS: dict[str, tuple[Callable, bool]] = {
 DATASETS = tuple(_PARSERS)
 
 
-def load_items(dataset: str, path, skip_malformed: bool = False, stats: LoadStats | None = None) -> list[QAItem]:
-    """Reads one official file into QAItems; see the module docstring for layouts and errors."""
+def load_items(dataset: str, path, skip_malformed: bool = False, stats: LoadStats | None = None,
+               official_text: bool = False) -> list[QAItem]:
+    """Reads one official file into QAItems; see the module docstring for layouts, errors and `official_text`."""
     if dataset not in _PARSERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
     if path is None:
@@ -223,7 +227,7 @@ def load_items(dataset: str, path, skip_malformed: bool = False, stats: LoadStat
         try:
             if record is None:
                 raise DataFormatError(path, label, None, "the record is null")
-            item = parse(record, path, label, dataset, stats)
+            item = parse(record, path, label, dataset, stats, official_text)
         except DataFormatError as err:
             if not skip_malformed:
                 raise
