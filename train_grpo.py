@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,11 +29,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents import LLMPolicy, local_sampler
 from agents.evaluation import make_vector_env, num_tasks, protocol_of
-from agents.trajectories import open_trajectories, step_records, write_lines
+from agents.trajectories import grpo_step_fields, open_trajectories, step_records, write_lines
 from agents.training import (CompletionScorer, StepSample, base_model_of, check_backend_args, check_env_args, default_bf16,
-                             disable_dropout, evaluate_and_log, hparams_table, load_trainer_state, make_accelerator,
-                             make_reference_logprobs, padded, peak_memory_mb, rollout, rollout_metrics, save_checkpoint,
-                             setup_model, start_vllm_engine, token_logprobs, trainer_env_kwargs)
+                             disable_dropout, evaluate_and_log, hparams_table, importance_weights, load_trainer_state,
+                             logprob_gap, make_accelerator, make_reference_logprobs, padded, peak_memory_mb, rollout,
+                             rollout_metrics, save_checkpoint, setup_model, start_vllm_engine, token_logprobs,
+                             trainer_env_kwargs)
 
 
 @dataclass
@@ -79,7 +81,7 @@ class Args:
     """generation budget per step"""
     max_prompt_tokens: int = 1024
     """prompts over this lose the end of their chunk, never the memory (agents.prompt.encode_prompt)"""
-    reward: str = "em"
+    reward: Literal["em", "f1"] = "em"
     """episode reward: em or f1, minus format_penalty per invalid op and no_answer_penalty per unanswered question"""
     format_penalty: float = 0.0
     """subtracted from the reward per invalid operation in the episode"""
@@ -91,9 +93,9 @@ class Args:
     the iteration, group id, advantage, weight and the reward the advantage came from"""
     scale_rewards: bool = True
     """advantage (r - mean) / (std + 1e-4) per group; False: r - mean only (Dr. GRPO, MemAgent)"""
-    episode_weighting: str = "equal"
+    episode_weighting: Literal["equal", "steps"] = "equal"
     """equal: each episode weighs the same whatever its number of steps; steps: each step weighs the same"""
-    loss_type: str = "grpo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     """grpo (mean over each sample's tokens), dapo (mean over all tokens), dr_grpo (sum / (samples * max_new_tokens))"""
     epsilon: float = 0.2
     """lower clip of the ratio: 1 - epsilon"""
@@ -150,10 +152,6 @@ def check_args(args: Args) -> dict | None:
     """Exits with a clear message on a bad flag, before any model work; returns the trainer state to resume from."""
     check_env_args(args, {args.context_tokens, *args.eval_context_tokens})
     check_backend_args(args)
-    if args.loss_type not in ("grpo", "dapo", "dr_grpo"):
-        raise SystemExit(f"error: --loss-type must be grpo, dapo or dr_grpo, got {args.loss_type!r}")
-    if args.reward not in ("em", "f1") or args.episode_weighting not in ("equal", "steps"):
-        raise SystemExit("error: --reward must be em or f1 and --episode-weighting equal or steps")
     if args.group_size < 2:
         raise SystemExit("error: --group-size must be at least 2 (advantages are relative to the group)")
     if min(args.num_iterations, args.tasks_per_iteration, args.minibatch_size, args.micro_batch_size,
@@ -183,12 +181,6 @@ def group_advantages(rewards: np.ndarray, group_size: int, scale: bool) -> tuple
     equal = np.isclose(std, 0.0)
     advantages = np.where(equal, 0.0, centred / (std + 1e-4) if scale else centred)
     return advantages.reshape(-1), float(equal.mean())
-
-
-def grpo_fields(episode: int, iteration: int, group_size: int, rewards, advantages, weights) -> dict:
-    """What --save-trajectories adds to a rollout step: the reward its advantage came from replaces the env's."""
-    return {"iteration": iteration, "group_id": f"{iteration}/{episode // group_size}",
-            "advantage": float(advantages[episode]), "weight": weights[episode], "reward": float(rewards[episode])}
 
 
 def loss_denominator(weights, lengths, loss_type: str, max_completion: int, mean_weight: float):
@@ -254,21 +246,6 @@ def score_old_logprobs(scorer, samples: list[StepSample], args: Args, pad_id: in
             s.old_logprobs = logprobs[row, :len(s.completion_ids)].tolist()
 
 
-def logprob_gap(samples: list[StepSample]) -> tuple[float, float]:
-    """(mean, max) absolute gap between the trainer's and the sampler's log-probs, over the scored samples' tokens."""
-    gaps = np.concatenate([np.abs(np.subtract(s.old_logprobs, s.sampler_logprobs)) for s in samples
-                           if s.old_logprobs is not None])
-    return float(gaps.mean()), float(gaps.max())
-
-
-def importance_weights(samples: list[StepSample], like: torch.Tensor, cap: float) -> torch.Tensor | None:
-    """min(exp(trainer - sampler log-prob), cap) per token: TRL's truncated importance sampling; None when off."""
-    if cap <= 0:
-        return None
-    gap = padded([s.old_logprobs for s in samples], like) - padded([s.sampler_logprobs for s in samples], like)
-    return torch.exp(gap).clamp(max=cap)
-
-
 def update(accelerator, scorer, optimizer, samples: list[StepSample], reference_logprobs, args: Args,
            shuffle_rng: np.random.RandomState, pad_id: int) -> tuple[dict, int]:
     """`update_epochs` passes over shuffled minibatches of the rollout batch; returns (loss statistics of this
@@ -325,8 +302,7 @@ if __name__ == "__main__":
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if args.bf16 is None:
-        args.bf16 = default_bf16(args.resume or args.model, args.gguf_file, args.device)
+    args.bf16 = default_bf16(args.resume or args.model, args.gguf_file, args.device) if args.bf16 is None else args.bf16
     accelerator = make_accelerator(args.bf16, args.device)
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.tasks_per_iteration % world:
@@ -354,10 +330,9 @@ if __name__ == "__main__":
     reference_logprobs = make_reference_logprobs(args, accelerator, lm, scorer, reference_spec, pad_id)
     if world > 1:  # every process starts from the same weights, but samples its own completions
         torch.manual_seed(args.seed + rank)
-    start_iteration = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        start_iteration = state["iteration"]
+    start_iteration = state["iteration"] if state else 0
     base_model, base_gguf = base_model_of(args.resume or args.model, args.gguf_file)
     envs = make_vector_env(args.env_id, trainer_env_kwargs(args, "train", args.context_tokens), local_envs)
     task_count = num_tasks(envs)
@@ -422,7 +397,7 @@ if __name__ == "__main__":
             s.weight = weights[s.episode]
         if args.save_trajectories:
             lines = gather_object([line for record in records for line in step_records(
-                record, policy.protocol, f"{iteration}/{first_env + record['slot']}", **grpo_fields(
+                record, policy.protocol, f"{iteration}/{first_env + record['slot']}", **grpo_step_fields(
                     first_env + record["slot"], iteration, args.group_size, rewards, advantages, weights))])
             if trajectories:
                 write_lines(trajectories, lines)

@@ -96,6 +96,21 @@ def padded(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def logprob_gap(samples: list[StepSample]) -> tuple[float, float]:
+    """(mean, max) absolute gap between the trainer's and the sampler's log-probs, over the scored samples' tokens."""
+    gaps = np.concatenate([np.abs(np.subtract(s.old_logprobs, s.sampler_logprobs)) for s in samples
+                           if s.old_logprobs is not None])
+    return float(gaps.mean()), float(gaps.max())
+
+
+def importance_weights(samples: list[StepSample], like: torch.Tensor, cap: float) -> torch.Tensor | None:
+    """min(exp(trainer - sampler log-prob), cap) per token: TRL's truncated importance sampling; None when off."""
+    if cap <= 0:
+        return None
+    gap = padded([s.old_logprobs for s in samples], like) - padded([s.sampler_logprobs for s in samples], like)
+    return torch.exp(gap).clamp(max=cap)
+
+
 def _score_rows(head, softcap, temperature, hidden, targets):
     logits = head(hidden).float()
     if softcap:

@@ -65,6 +65,13 @@ def step_records(record: dict, protocol: str, episode_id: str, **extra) -> list[
     return lines
 
 
+def grpo_step_fields(episode: int, iteration: int, group_size: int, rewards, advantages, weights) -> dict:
+    """What train_grpo.py --save-trajectories adds to a rollout step: the reward its advantage came from replaces the
+    env's."""
+    return {"iteration": iteration, "group_id": f"{iteration}/{episode // group_size}",
+            "advantage": float(advantages[episode]), "weight": weights[episode], "reward": float(rewards[episode])}
+
+
 def write_lines(file: IO[str], lines: list[dict]) -> None:
     for line in lines:
         file.write(json.dumps(line, ensure_ascii=False) + "\n")

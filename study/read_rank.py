@@ -1,7 +1,7 @@
 """Where a per-hop Read ranks each hop's gold fact when memory holds what the `oracle-hops` teacher stores.
 
     python study/read_rank.py --context-tokens 16000 --env-kwargs \\
-        '{"synthetic": {"hops": [2, 2], "distractors": 40, "volatility": 0}}'   # docs/study.md, item 2
+        '{"synthetic": {"hops": [2, 2], "distractors": 40, "volatility": 0}}'   # docs/study_log.md, item 2
 
 Builds tasks 0..N-1 of a split (train by default: a diagnosis, not a result), writes every supporting fact and
 every look-alike sentence into a `VectorMemory` with the env's embedder (the teacher's memory, and what its

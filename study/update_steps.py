@@ -1,7 +1,7 @@
 """What a policy did with the facts a volatile synthetic document supersedes, from an eval.py report and the
 step-wise trajectories saved with it (`eval.py ... --save-trajectories FILE`).
 
-    python study/update_steps.py --report docs/results/x.json --trajectories x.jsonl      # docs/study.md, item 3
+    python study/update_steps.py --report docs/results/x.json --trajectories x.jsonl      # docs/study_log.md, item 3
 
 Each task is rebuilt from the report's arguments (study/answer_sources.py). For every superseded fact of an
 episode's task (the stale statement, `current=False`, and the later one with the same key), the episode's

@@ -1,13 +1,21 @@
+import contextlib
+import io
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
 import time
+import traceback
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+# The suite runs in two xdist workers on two cores: OpenMP threads that spin while they wait would slow both 5x
+# (docs/benchmarks.md, a shared CPU); set before any test imports torch, and inherited by the scripts run.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the single-file scripts (train_grpo.py, ...) import as modules
@@ -25,6 +33,34 @@ SFT_TINY = ["--env-id", "AtomMem/SyntheticEasy-v0", "--context-tokens", "300", "
 def run_script(script: str, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python script flags...` in the repository, its output captured."""
     return subprocess.run([sys.executable, script, *flags], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def run_script_here(script: str, *flags: str) -> subprocess.CompletedProcess:
+    """`script flags...` run in this process as `__main__` (runpy), its exit code and output as `run_script` gives
+    them: for runs that a flag check ends before any model work, without the ~2.5 s a fresh interpreter spends
+    importing torch. An exception the script does not catch is a traceback on stderr and exit code 1, as there."""
+    out, err, argv, cwd, code = io.StringIO(), io.StringIO(), sys.argv, os.getcwd(), 0
+    sys.argv = [script, *flags]
+    sys.path.insert(0, str((REPO / script).parent))  # as `python script` puts the script's folder first
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+            except SystemExit as exit_:
+                if isinstance(exit_.code, int) or exit_.code is None:
+                    code = exit_.code or 0
+                else:
+                    code = 1
+                    print(exit_.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001  (what a subprocess would print)
+                code = 1
+                traceback.print_exc()
+    finally:
+        sys.argv = argv
+        sys.path.pop(0)
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([script, *flags], code, out.getvalue(), err.getvalue())
 
 
 def run_summary(save_dir: Path):

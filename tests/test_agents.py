@@ -16,7 +16,7 @@ from agents import POLICIES, HFGenerator, OpenAIGenerator, build_messages, make_
 from agents.models import build_tiny_model, load_causal_lm
 from atommem_env.protocols import Create, parse_action
 
-from conftest import FIXTURES, HOTPOT_HF, REPO
+from conftest import FIXTURES, HOTPOT_HF, REPO, run_script_here
 
 
 @pytest.fixture(scope="session")
@@ -248,10 +248,13 @@ def test_openai_client_retries_429_then_succeeds(chat_server):
         [[{"role": "user", "content": "x"}]])[0].error.startswith("cannot reach")
 
 
+EVAL_SMALL = ["--embedder", "hashing", "--num-episodes", "2", "--num-envs", "2", "--context-tokens", "300", "600",
+              "--max-new-tokens", "8"]
+
+
 def _eval(*flags, timeout=600):
-    cmd = [sys.executable, "eval.py", "--embedder", "hashing", "--num-episodes", "2", "--num-envs", "2",
-           "--context-tokens", "300", "600", "--max-new-tokens", "8", *flags]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "eval.py", *EVAL_SMALL, *flags], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_eval_end_to_end_writes_reports(tmp_path):
@@ -315,7 +318,7 @@ def test_eval_marks_failed_episodes_and_goes_on(chat_server, tmp_path, path, mes
     (["--policies", "llm", "--model", "tiny", "--vllm-enforce-eager"], "is for a local vLLM engine"),
 ])
 def test_eval_bad_flags_fail_clearly(flags, message):
-    result = _eval(*flags, timeout=120)
+    result = run_script_here("eval.py", *EVAL_SMALL, *flags)
     assert result.returncode != 0 and message in result.stderr + result.stdout
 
 
@@ -367,7 +370,7 @@ class SentenceReader:
     """A reader that answers the way small chat models do: a sentence, then the requested answer line."""
 
     def generate(self, batch):
-        from agents.backends import Generation
+        from agents.generation import Generation
 
         return [Generation("The tower stands in the city of Paris.\nAnswer: **Paris**.") for _ in batch]
 
@@ -390,7 +393,7 @@ class TagReader:
     """A reader trained on the env's own protocol (an SFT checkpoint) that closes its answer with the env's tag."""
 
     def generate(self, batch):
-        from agents.backends import Generation
+        from agents.generation import Generation
 
         return [Generation("The tower is in Paris.</answer>") for _ in batch]
 

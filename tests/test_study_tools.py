@@ -3,12 +3,10 @@ cannot read."""
 
 import importlib.util
 import json
-import subprocess
-import sys
 
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import REPO
+from conftest import REPO, run_script_here
 
 _spec = importlib.util.spec_from_file_location("answer_stats", REPO / "study" / "answer_stats.py")
 answer_stats = importlib.util.module_from_spec(_spec)
@@ -16,8 +14,7 @@ _spec.loader.exec_module(answer_stats)
 
 
 def _tool(script, *flags):
-    return subprocess.run([sys.executable, f"study/{script}", *flags], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return run_script_here(f"study/{script}", *flags)
 
 
 def test_plot_runs_draws_each_tag_and_prints_first_and_last_values(tmp_path):
@@ -67,16 +64,14 @@ def test_answer_stats_counts_a_collapsed_answer_distribution(tmp_path):
                      "top_right": 2.0, "top3_share": 1.0, "gold_of_some_episode": 5 / 6, "constant_guess_em": 0.5}
     report = tmp_path / "r.json"
     _report(report, records)
-    result = subprocess.run([sys.executable, "study/answer_stats.py", str(report)], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+    result = _tool("answer_stats.py", str(report))
     assert result.returncode == 0 and "6 episodes, EM 0.500, 3 distinct answers; most common 'A' given 4x" in result.stdout
 
 
 def test_answer_stats_rejects_a_file_that_is_not_a_report(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"policies": []}')
-    result = subprocess.run([sys.executable, "study/answer_stats.py", str(bad), str(tmp_path / "missing.json")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = _tool("answer_stats.py", str(bad), str(tmp_path / "missing.json"))
     assert result.returncode != 0 and "is not an eval.py JSON report" in result.stderr
 
 
@@ -103,8 +98,7 @@ def test_answer_sources_sorts_answers_by_the_fact_they_come_from(tmp_path):
                 "ops": {"read": n, "answer": int(bool(a))}} for i, (a, g, n) in enumerate(zip(answers, gold, reads))]
     report = tmp_path / "r.json"
     report.write_text(json.dumps({"args": args, "results": {"llm": {"800": {"records": records}}}}))
-    result = subprocess.run([sys.executable, "study/answer_sources.py", str(report)], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = _tool("answer_sources.py", str(report))
     assert result.returncode == 0, result.stderr
     assert "llm 800: 5 episodes: right 1, none 1, earlier hop 1, look-alike 1, other 1" in result.stdout
     assert "llm 800: by Reads (episodes, right): 1 Reads: 1 (0); 2 Reads: 3 (1); 4 Reads, no answer: 1 (0)" \
@@ -117,8 +111,7 @@ def test_answer_sources_rejects_reports_it_cannot_read(tmp_path):
     real_data.write_text(json.dumps({"args": {"env_id": "AtomMem/HotpotQA-v0", "split": "eval"},
                                      "results": {"llm": {"400": {"records": [{"task_index": 0}]}}}}))
     for path, message in ((not_a_report, "is not an eval.py JSON report"), (real_data, "need a synthetic env id")):
-        result = subprocess.run([sys.executable, "study/answer_sources.py", str(path)], cwd=REPO, capture_output=True,
-                                text=True, timeout=60)
+        result = _tool("answer_sources.py", str(path))
         assert result.returncode != 0 and message in result.stderr, result.stderr
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SFT_TINY, run_script, run_summary
+from conftest import REPO, SFT_TINY, run_script, run_script_here, run_summary
 
 import train_grpo
 from agents import HFGenerator, build_messages
@@ -65,8 +65,7 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--vllm-enforce-eager"], "--vllm-enforce-eager is for --backend vllm"),
 ])
 def test_sft_bad_flags(flags, message, tmp_path):
-    result = run_script("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags,
-                        timeout=300)
+    result = run_script_here("train_sft.py", *SFT_TINY, "--eval-episodes", "0", "--save-dir", str(tmp_path), *flags)
     assert result.returncode != 0 and message in result.stderr + result.stdout
 
 
@@ -165,7 +164,7 @@ def test_sft_and_grpo_in_two_processes(sft_checkpoint, tmp_path):
     (["--vllm-enforce-eager"], "--vllm-enforce-eager is for --backend vllm"),
 ])
 def test_grpo_bad_flags(flags, message, tmp_path):
-    result = run_script("train_grpo.py", "--save-dir", str(tmp_path), *flags, timeout=120)
+    result = run_script_here("train_grpo.py", "--save-dir", str(tmp_path), *flags)
     assert result.returncode != 0 and message in result.stderr
 
 
@@ -445,7 +444,7 @@ def test_bf16_is_on_by_default_only_where_it_pays(tmp_path, monkeypatch):
 
 
 def test_bf16_asked_for_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, recwarn):
-    """An AVX2 CPU trained SmolLM2 at 5 tokens/s under bf16 autocast against 131 in fp32 (docs/study.md)."""
+    """An AVX2 CPU trained SmolLM2 at 5 tokens/s under bf16 autocast against 131 in fp32 (docs/study_log.md)."""
     import agents.training as training
 
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)

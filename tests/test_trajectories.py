@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_script_here
 
 from agents.models import load_causal_lm
 from agents.prompt import chat_prompt_ids
@@ -107,7 +107,6 @@ def test_the_loader_says_which_line_is_broken(tmp_path):
 def test_an_unwritable_trajectory_path_fails_before_any_episode(tmp_path, script):
     for target, message in ((tmp_path / "missing" / "steps.jsonl", "cannot write trajectories"),
                             (tmp_path, "is a directory")):
-        result = subprocess.run([sys.executable, script, "--save-trajectories", str(target), "--model", "tiny"],
-                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        result = run_script_here(script, "--save-trajectories", str(target), "--model", "tiny")
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr and "episodes" not in result.stderr

@@ -38,6 +38,7 @@ def test_a_failing_endpoint_fails_its_episode_with_the_reason():
     assert "cannot reach" in result["failed"] and result["reward"] == 0.0 and result["replies"] == []
 
 
+@pytest.mark.xdist_group("vllm_serve")  # one `vllm serve` per worker: its users share one
 def test_vf_eval_gives_eval_pys_replies_and_rewards(tmp_path, vllm_serve):
     vf_eval = subprocess.run(
         [sys.executable, "-c", "from verifiers.v1.cli.eval.main import main; main()", "atommem-verifiers",

@@ -142,6 +142,7 @@ def test_eval_with_the_vllm_backend(tmp_path):
     assert results["llm"]["300"]["episodes"] == results["rag"]["300"]["episodes"] == 2
 
 
+@pytest.mark.xdist_group("vllm_serve")  # one `vllm serve` per worker: its users share one
 def test_eval_against_vllm_serve_on_loopback(tmp_path, vllm_serve):
     """The endpoint policy against a real OpenAI-compatible server: `vllm serve` on 127.0.0.1 with the tiny model."""
     result = _run("eval.py", "--policies", "llm", "rag", "--endpoint", vllm_serve, "--model",
