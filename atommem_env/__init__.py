@@ -28,6 +28,13 @@ ENV_IDS = {
                                                "name_pool": 8}),
     "AtomMem/SyntheticVolatile-v0": dict(dataset="synthetic", context_tokens=4000, chunk_tokens=512,
                                          synthetic={"volatility": 0.8, "hops": (2, 4)}),
+    # Volatile facts where only Update/Delete keep the current one: every question's fact takes 2-8 values, each worded
+    # as the first, ids are random, the memory holds one entry and the scratchpad five characters (docs/study.md).
+    "AtomMem/SyntheticVolatileBudget-v0": dict(dataset="synthetic", context_tokens=2000, chunk_tokens=256,
+                                               synthetic={"hops": (1, 1), "distractors": 2, "volatility": 1.0,
+                                                          "versions": (2, 8), "change_wording": "original",
+                                                          "changeable_only": True, "renames": False},
+                                               max_entries=1, max_scratchpad_chars=5, entry_ids="random"),
     "AtomMem/SyntheticMultiQuery-v0": dict(dataset="synthetic", context_tokens=8000, chunk_tokens=1024,
                                            synthetic={"questions": 3}),
     "AtomMem/Synthetic-Paper-v0": dict(dataset="synthetic", context_tokens=16000, chunk_tokens=4000,

@@ -76,6 +76,7 @@ RELATIONS = (
              "{o} has become the new head of state of {s}."),
 )
 _BY_SUBJECT = {kind: [r for r in RELATIONS if r.subject == kind] for kind in ("person", "company", "city", "country")}
+_CHANGEABLE_BY_SUBJECT = {kind: [r for r in options if r.change] for kind, options in _BY_SUBJECT.items()}
 _RENAMABLE = ("company", "city", "country")
 # Longest template first: "{s} works for {o}." would also match "{s} left that job and now works for {o}.".
 _STATEMENT_PATTERNS = [
@@ -126,8 +127,9 @@ class _Fact:
 class SyntheticWorld:
     """Builds one task from a seed; see the module docstring."""
 
-    def __init__(self, rng: np.random.Generator, name_pool: int | None = None):
+    def __init__(self, rng: np.random.Generator, name_pool: int | None = None, changeable_only: bool = False):
         self.rng = rng
+        self.changeable_only = changeable_only
         self.names: set[str] = set()
         self.pools = _name_pools(name_pool) if name_pool else None
 
@@ -183,10 +185,14 @@ class SyntheticWorld:
             kind = ("person", "company", "city", "country")[self.rng.integers(4)]
             relations = []
             for _ in range(hops):
-                options = _BY_SUBJECT[kind]
+                options = _CHANGEABLE_BY_SUBJECT[kind] if self.changeable_only else _BY_SUBJECT[kind]
+                if not options:  # a city: no relation of it changes
+                    break
                 relation = options[self.rng.integers(len(options))]
                 relations.append(relation)
                 kind = relation.object
+            if len(relations) < hops:
+                continue
             if relations[-1].object != "person" or hops == 1 or self.rng.random() < 0.5:
                 start = self.new_name(relations[0].subject)
                 return [start] + [self.new_name(r.object) for r in relations], relations
@@ -220,8 +226,15 @@ def _filler_sentences(rng: np.random.Generator, count: int) -> list[str]:
 
 def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int = 6, volatility: float = 0.3,
                   context_tokens: int = 2000, questions: int = 1, sentences_per_paragraph: tuple[int, int] = (4, 8),
-                  name_pool: int | None = None, task_id: str | None = None) -> Task:
-    """One synthetic task; the same arguments always give the same task."""
+                  name_pool: int | None = None, versions: tuple[int, int] = (2, 2), change_wording: str = "changed",
+                  changeable_only: bool = False, renames: bool = True, task_id: str | None = None) -> Task:
+    """One synthetic task; the same arguments always give the same task.
+
+    `versions` (min, max): how many values a volatile fact takes, the last one current (default 2: one stale
+    value); `change_wording`: "changed" ("... has since moved to ...") or "original" (a successor is worded as
+    the first statement, so only its place in the document tells it is newer); `changeable_only`: every hop is
+    a relation that can change (so with volatility 1 every hop is volatile); `renames=False`: no answer is renamed.
+    """
     low, high = hops
     if not 1 <= low <= high <= 6:
         raise ValueError(f"hops must satisfy 1 <= min <= max <= 6, got {hops}")
@@ -231,8 +244,13 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
         raise ValueError(f"volatility must be in [0, 1], got {volatility}")
     if name_pool is not None and name_pool < 8:
         raise ValueError(f"name_pool must be None (invented names) or at least 8, got {name_pool}")
+    versions = tuple(versions)
+    if len(versions) != 2 or not 2 <= versions[0] <= versions[1] <= 12:
+        raise ValueError(f"versions must satisfy 2 <= min <= max <= 12, got {versions}")
+    if change_wording not in ("changed", "original"):
+        raise ValueError(f"change_wording must be 'changed' or 'original', got {change_wording!r}")
     rng = np.random.default_rng(seed)
-    world = SyntheticWorld(rng, name_pool)
+    world = SyntheticWorld(rng, name_pool, changeable_only)
     facts: list[_Fact] = []
     qa: list[tuple[str, str]] = []
     for q in range(questions):
@@ -241,16 +259,21 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
             subject, obj = entities[hop], entities[hop + 1]
             key = f"{subject}|{relation.name}"
             if relation.change is not None and rng.random() < volatility:
-                stale = world.new_name(relation.object)
-                facts.append(_Fact(relation.statement.format(s=subject, o=stale), key, current=False, question=q))
-                facts.append(_Fact(relation.change.format(s=subject, o=obj), key, after=len(facts) - 1, question=q))
-                if hop + 1 < len(relations):  # the stale value leads somewhere else
+                count = 2 if versions == (2, 2) else int(rng.integers(versions[0], versions[1] + 1))
+                values = [world.new_name(relation.object) for _ in range(count - 1)] + [obj]
+                later = relation.statement if change_wording == "original" else relation.change
+                for number, value in enumerate(values):  # each after the one before it
+                    template = relation.statement if number == 0 else later
+                    facts.append(_Fact(template.format(s=subject, o=value), key, current=value == obj,
+                                       after=len(facts) - 1 if number else None, question=q))
+                if hop + 1 < len(relations):  # each stale value leads somewhere else
                     nxt = relations[hop + 1]
-                    facts.append(_Fact(nxt.statement.format(s=stale, o=world.new_name(nxt.object))))
+                    for value in values[:-1]:
+                        facts.append(_Fact(nxt.statement.format(s=value, o=world.new_name(nxt.object))))
             else:
                 facts.append(_Fact(relation.statement.format(s=subject, o=obj), key, question=q))
         answer = entities[-1]
-        if relations[-1].object in _RENAMABLE and rng.random() < volatility:
+        if renames and relations[-1].object in _RENAMABLE and rng.random() < volatility:
             new = world.new_name(relations[-1].object)
             last_mention = max(i for i, f in enumerate(facts) if answer in f.text)
             facts.append(_Fact(f"{answer} was renamed {new}.", f"{answer}|name", after=last_mention, question=q))
@@ -309,7 +332,8 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
     return Task(task_id=task_id or f"synthetic-{seed}", paragraphs=tuple(paragraphs), questions=tuple(questions_out),
                 metadata=(("dataset", "synthetic"), ("seed", seed), ("context_tokens", context_tokens),
                           ("hops", hops), ("distractors", distractors), ("volatility", volatility),
-                          ("name_pool", name_pool), ("look_alike_facts", tuple(f.text for f in facts if f.look_alike))))
+                          ("name_pool", name_pool), ("versions", versions), ("change_wording", change_wording),
+                          ("changeable_only", changeable_only), ("renames", renames), ("look_alike_facts", tuple(f.text for f in facts if f.look_alike))))
 
 
 class SyntheticTaskSource:
