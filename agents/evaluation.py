@@ -124,6 +124,7 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
     steps: list[list] = [[] for _ in range(n)]
     started = [time.perf_counter()] * n
     returns = np.zeros(n)
+    traces: list[list] = [[] for _ in range(n)]  # per step: chunk index, gold and stale facts in memory, read recall
     just_reset = np.zeros(n, dtype=bool)  # the vector env's autoreset step: its action is ignored
     episodes = []
     while any(remaining):
@@ -140,6 +141,9 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
                     failed[i] = out.error
         obs, rewards, terminated, truncated, info = envs.step(actions)
         returns += np.where(just_reset, 0.0, rewards)
+        for i in np.flatnonzero(~just_reset):
+            traces[i].append([int(info["chunk_index"][i]), int(info["gold_facts_in_memory"][i]),
+                              int(info["stale_facts_in_memory"][i]), float(info["read_recall"][i])])
         just_reset[:] = False
         for i in np.flatnonzero(terminated | truncated):
             just_reset[i] = True
@@ -160,6 +164,7 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
                 "num_chunks": int(info["num_chunks"][i]), "num_steps": len(steps[i]),
                 "prompts_cut": sum(c > 0 for c in cut), "prompt_tokens_cut": int(sum(cut)),
                 "seconds": time.perf_counter() - started[i],
+                **process_record(traces[i], int(info["gold_facts"][i])),
             }
             if keep_steps:
                 record["steps"] = steps[i]
@@ -168,10 +173,22 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
             failed[i] = None
             returns[i] = 0.0
             steps[i] = []
+            traces[i] = []
             started[i] = time.perf_counter()
             if progress is not None:
                 progress(1)
     return episodes
+
+
+def process_record(trace: list[list], gold_facts: int) -> dict:
+    """An episode's process metrics (atommem_env.process) from its steps' [chunk index, gold in memory, stale in
+    memory, read recall]: the last step's counts, the mean recall over the steps whose Reads showed something
+    (None: none did), and the trace itself (`by_step`)."""
+    recalls = [r for *_, r in trace if not np.isnan(r)]
+    return {"gold_facts": gold_facts, "gold_facts_in_memory": trace[-1][1] if trace else 0,
+            "stale_facts_in_memory": trace[-1][2] if trace else 0,
+            "read_recall": float(np.mean(recalls)) if recalls else None,
+            "by_step": [[c, g, s, None if np.isnan(r) else r] for c, g, s, r in trace]}
 
 
 def evaluate_policy(policy: Policy, env_id: str, env_kwargs: dict, num_episodes: int, num_envs: int, seed: int,
@@ -209,6 +226,11 @@ def summarize(episodes: list[dict]) -> dict:
         "seconds_per_episode": mean("seconds"),
         "failed_episodes": sum(e["failed"] is not None for e in episodes),
         "failures": sorted({e["failed"] for e in episodes if e["failed"]}),
+        # What memory held at the end, of the gold (current) and stale facts, and what the Reads showed of the gold.
+        "process": {"gold_facts": mean("gold_facts"), "gold_facts_in_memory": mean("gold_facts_in_memory"),
+                    "stale_facts_in_memory": mean("stale_facts_in_memory"),
+                    "read_recall": float(np.mean(recalls)) if (recalls := [e["read_recall"] for e in episodes
+                                                                           if e["read_recall"] is not None]) else None},
         "records": [{k: v for k, v in e.items() if k not in ("steps", "final_feedback")} for e in episodes],
     }
 

@@ -18,10 +18,12 @@ from .chunking import Chunker
 from .embedders import get_embedder
 from .memory import Scratchpad, VectorMemory
 from .operations import ALL_OPS, MEMORY_OPS, MemoryOperations
+from .process import FactTracker
 from .protocols import PROTOCOLS, normalize_action, parse_action
 from .rendering import ObservationRendering
 from .scoring import score_episode
 from .spaces import UnicodeText
+from .state import StateSnapshots
 from .tasks import Task, TaskSource, choose_task
 from .tokens import make_token_counter
 
@@ -36,7 +38,7 @@ ANSWER_MATCHING = ("pooled", "per_question")
 ENTRY_IDS = ("sequential", "random")
 
 
-class AtomMemEnv(MemoryOperations, ObservationRendering, gym.Env):
+class AtomMemEnv(MemoryOperations, ObservationRendering, StateSnapshots, gym.Env):
     """
     ## Description
     A question-answering POMDP over a long document. The agent sees the document one chunk at a
@@ -155,10 +157,20 @@ class AtomMemEnv(MemoryOperations, ObservationRendering, gym.Env):
     (`skip_malformed`) and `unanswerable_left_out` (MuSiQue full files). Every step: `task_id`, `chunk_index`, `num_chunks`, `memory_size`, `invalid_ops` (this step),
     `total_invalid_ops`, `op_counts` (dict: create/read/update/delete/scratchpad/query/answer,
     valid ops so far), `tokens_shown` (chunk, question, scratchpad and retrieved tokens shown so
-    far). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `sub_em`
+    far), and the process metrics (`atommem_env.process`): `gold_facts` (the questions' current supporting
+    facts), `gold_facts_in_memory` and `stale_facts_in_memory` (held verbatim by some entry now; stale: the
+    superseded statements of volatile synthetic tasks), `read_recall` (share of gold facts in what this step's
+    Reads showed; NaN when they showed nothing). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `sub_em`
     (MemAgent's: a gold answer inside the answer or the answer inside it, normalised; the boxed content
     in the paper protocol), `answers` and `gold_answers`; with the paper protocol also `official_score` (the official scorer over every
     reply) and `question_em` (each question's answer against its own gold answers).
+
+    ## Snapshots
+    `get_state()` returns the episode at this step (memory and FAISS index, scratchpad, position, answers,
+    counters, `np_random`'s state) as a picklable `EnvState`; `set_state(state)` restores it, in this env or in
+    another one built with the same settings and reset once, and returns its observation: the restored env then
+    steps exactly as the original would have. Vector envs reach both through the `state` attribute:
+    `envs.get_attr("state")`, `envs.set_attr("state", states)`.
 
     ## Example
         >>> import gymnasium as gym, atommem_env
@@ -176,7 +188,7 @@ class AtomMemEnv(MemoryOperations, ObservationRendering, gym.Env):
     - v0: initial release. Before the first release, the paper protocol was brought to the official
       loop's rules (the points in docs/eval.md) and the `query` observation key was added; then the
       official loop's quirks and scorer became the default, the earlier rules `paper_fixes=True`;
-      last, the official loop's sentence join and centre truncation.
+      last, the official loop's sentence join and centre truncation, `entry_ids` and snapshots.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -299,9 +311,7 @@ class AtomMemEnv(MemoryOperations, ObservationRendering, gym.Env):
         super().reset(seed=seed)
         options = options or {}
         self.task = choose_task(self.task_source, self.np_random, options)
-        self.chunker = Chunker(self.task.paragraphs, self.token_counter, self.chunk_tokens, self.chunk_overlap,
-                               count_cache=self._count_cache, official=self.official,
-                               max_tokens=(PAPER_MAX_STEPS - 1) * self.chunk_tokens if self.official else None)
+        self.chunker = self._make_chunker()
         self.memory.clear()
         self.memory.id_rng = self.np_random if self.entry_ids == "random" else None
         self.scratchpad.clear()
@@ -325,13 +335,19 @@ class AtomMemEnv(MemoryOperations, ObservationRendering, gym.Env):
         self.total_invalid_ops = 0
         self.tokens_shown = 0
         self.done = False
+        self.facts = FactTracker(self.task, self.memory)
         self._obs = self._observation(retrieved=self._paper_retrieve() if self.protocol == "paper" else "", feedback="")
-        info = self._info(invalid=0)
+        info = self._info(0, self._obs["retrieved"])
         info["repeated_paragraphs"] = int(dict(self.task.metadata).get("repeated_paragraphs", 0))
         stats = getattr(self.task_source, "load_stats", None)
         if stats is not None:
             info.update(records_loaded=stats.loaded, records_skipped=stats.skipped, unanswerable_left_out=stats.unanswerable)
         return self._obs, info
+
+    def _make_chunker(self) -> Chunker:
+        return Chunker(self.task.paragraphs, self.token_counter, self.chunk_tokens, self.chunk_overlap,
+                       count_cache=self._count_cache, official=self.official,
+                       max_tokens=(PAPER_MAX_STEPS - 1) * self.chunk_tokens if self.official else None)
 
     def step(self, action):
         if self.task is None or self.done:
@@ -370,7 +386,7 @@ class AtomMemEnv(MemoryOperations, ObservationRendering, gym.Env):
         self.total_invalid_ops += invalid
         self.done = terminated or truncated
         self._obs = self._observation(retrieved=retrieved, feedback=self._feedback(messages))
-        info = self._info(invalid)
+        info = self._info(invalid, retrieved)
         reward = -self.invalid_op_penalty * invalid
         if self.done:
             scores = score_episode(self.task.questions, self.answers, self.replies, self.protocol, self.official,

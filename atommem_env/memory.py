@@ -86,6 +86,8 @@ class VectorMemory:
         """When set, new ids are drawn from it (1 to 999,999, never one used since the last clear), so an id says
         nothing of when its entry was made; else ids count up from 1."""
         self._used_ids: set[int] = set()
+        self.touched: set[int] = set()
+        """Ids created, updated or deleted since a reader last cleared it (the env's process metrics)."""
 
     def _new_index(self):
         dim = self.embedder.dim
@@ -107,6 +109,9 @@ class VectorMemory:
         if entry_id not in self._texts:
             raise MemoryOpError(f"no memory entry with id {entry_id}")
         return self._texts[entry_id]
+
+    def entry_ids(self) -> list[int]:
+        return list(self._texts)
 
     def entries(self) -> list[MemoryEntry]:
         return [MemoryEntry(i, t) for i, t in sorted(self._texts.items())]
@@ -140,6 +145,7 @@ class VectorMemory:
         ids = self._new_ids(len(texts))
         self.index.add_with_ids(self.embedder.embed(texts), np.asarray(ids, dtype=np.int64))
         self._texts.update(zip(ids, texts))
+        self.touched.update(ids)
         return ids
 
     def _new_ids(self, count: int) -> list[int]:
@@ -192,17 +198,20 @@ class VectorMemory:
         self.index.remove_ids(np.asarray([entry_id], dtype=np.int64))
         self.index.add_with_ids(vec, np.asarray([entry_id], dtype=np.int64))
         self._texts[entry_id] = text
+        self.touched.add(entry_id)
 
     def delete(self, entry_id: int) -> None:
         self.get(entry_id)
         self.index.remove_ids(np.asarray([entry_id], dtype=np.int64))
         del self._texts[entry_id]
+        self.touched.add(entry_id)
 
     def clear(self) -> None:
         self.index.reset()
         self._texts.clear()
         self._next_id = 1
         self._used_ids.clear()
+        self.touched.clear()
 
     def __getstate__(self):
         # FAISS indexes do not pickle: carry the entries and rebuild the index on arrival.
@@ -216,6 +225,24 @@ class VectorMemory:
         if self._texts:
             ids = np.fromiter(self._texts, dtype=np.int64, count=len(self._texts))
             self.index.add_with_ids(self.embedder.embed(list(self._texts.values())), ids)
+
+    def snapshot(self) -> dict:
+        """Everything a later `restore` needs to read exactly as now: the entries, the id counter and the ids used,
+        and the index itself (serialised, so no text is embedded again). Plain data: it pickles."""
+        index = self.index if self.device == "cpu" else faiss.index_gpu_to_cpu(self.index)
+        return {"texts": dict(self._texts), "next_id": self._next_id, "used_ids": set(self._used_ids),
+                "index": faiss.serialize_index(index)}
+
+    def restore(self, snapshot: dict) -> None:
+        """Back to a `snapshot` of a memory with the same embedder, precision and device (ValueError otherwise)."""
+        index = faiss.deserialize_index(snapshot["index"])
+        if index.d != self.embedder.dim or index.ntotal != len(snapshot["texts"]):
+            raise ValueError(f"the snapshot holds {index.ntotal} vectors of {index.d} dimensions for "
+                             f"{len(snapshot['texts'])} entries; this memory embeds in {self.embedder.dim}")
+        self.index = index if self.device == "cpu" else _to_gpu(index, self.device)
+        self._texts = dict(snapshot["texts"])
+        self._next_id = snapshot["next_id"]
+        self._used_ids = set(snapshot["used_ids"])
 
     def save(self, path: str | Path) -> None:
         """Writes a JSON file of the entries (text and ids); vectors are recomputed on load."""

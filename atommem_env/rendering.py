@@ -112,7 +112,8 @@ class ObservationRendering:
             "reads_left": np.array(left, dtype=np.int64),
         }
 
-    def _info(self, invalid: int) -> dict:
+    def _info(self, invalid: int, retrieved: str) -> dict:
+        """The step's info; `retrieved`, the entries its Reads showed, for the process metrics' read recall."""
         return {
             "task_id": self.task.task_id,
             "chunk_index": self.chunk_index,
@@ -122,6 +123,7 @@ class ObservationRendering:
             "total_invalid_ops": self.total_invalid_ops,
             "op_counts": dict(self.op_counts),
             "tokens_shown": self.tokens_shown,
+            **self.facts.metrics(retrieved),
         }
 
     def render(self):
