@@ -1,8 +1,8 @@
 """Process metrics per chunk from an eval.py report: what memory holds of the gold and stale facts as a policy reads.
 
-    python study/plot_process.py --report reports/eval.json --out process_by_chunk.png
+    python study/plot_process.py --reports reports/full.json reports/ablated.json --out process_by_chunk.png
 
-For each policy and length cell of the report: at the end of each chunk (the last step shown that chunk; the
+For each report, policy and length cell: at the end of each chunk (the last step shown that chunk; the
 answer phase counts as the chunk after the last), the mean over episodes of the gold facts held (as a share of
 the episode's gold facts) and of the stale facts held (a count), against the chunk's position in the document.
 Prints the points, so the numbers quoted beside the figure come from it. Reports made before eval.py recorded the
@@ -25,8 +25,8 @@ from join_reports import read_eval_report  # noqa: E402  (this folder is on sys.
 
 @dataclass
 class Args:
-    report: str
-    """an eval.py JSON report"""
+    reports: tuple[str, ...]
+    """eval.py JSON reports (each line is labelled with its report's file name)"""
     out: str = "process_by_chunk.png"
     """where the figure goes"""
     bins: int = 10
@@ -53,20 +53,22 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.bins <= 0:
         raise SystemExit("error: --bins must be positive")
-    report = read_eval_report(Path(args.report))
+    reports = {Path(path).stem: read_eval_report(Path(path)) for path in args.reports}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for policy, cells in report["results"].items():
-        for cell, summary in cells.items():
-            x, gold, stale = by_position(summary["records"], args.bins)
-            label = f"{policy} {cell}"
-            left.plot(x, gold, marker="o", label=label)
-            right.plot(x, stale, marker="o", label=label)
-            print(f"{label}: " + ", ".join(f"{p:.2f}: gold {g:.2f} stale {s:.2f}" for p, g, s in zip(x, gold, stale)))
+    for name, report in reports.items():
+        for policy, cells in report["results"].items():
+            for cell, summary in cells.items():
+                x, gold, stale = by_position(summary["records"], args.bins)
+                label = f"{name}: {policy} {cell}"
+                left.plot(x, gold, marker="o", label=label)
+                right.plot(x, stale, marker="o", label=label)
+                print(f"{label}: " + ", ".join(f"{p:.2f}: gold {g:.2f} stale {s:.2f}"
+                                               for p, g, s in zip(x, gold, stale)))
     left.set(xlabel="position in the document (chunks read)", ylabel="share of gold facts held", ylim=(0, 1.05))
     right.set(xlabel="position in the document (chunks read)", ylabel="stale facts held")
     left.legend(fontsize=8)

@@ -60,11 +60,11 @@ def test_the_per_chunk_plot_reads_a_report_and_refuses_an_old_one(tmp_path):
     envs.close()
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"args": {}, "results": {"oracle": {"1200": summary}}}))
-    result = run_script_here("study/plot_process.py", "--report", str(report), "--out", str(tmp_path / "p.png"))
+    result = run_script_here("study/plot_process.py", "--reports", str(report), "--out", str(tmp_path / "p.png"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "p.png").stat().st_size > 0 and "oracle 1200: " in result.stdout and "stale" in result.stdout
+    assert (tmp_path / "p.png").stat().st_size > 0 and "eval: oracle 1200: " in result.stdout and "stale" in result.stdout
     for record in summary["records"]:
         del record["by_step"]
     report.write_text(json.dumps({"args": {}, "results": {"oracle": {"1200": summary}}}))
-    result = run_script_here("study/plot_process.py", "--report", str(report), "--out", str(tmp_path / "q.png"))
+    result = run_script_here("study/plot_process.py", "--reports", str(report), "--out", str(tmp_path / "q.png"))
     assert result.returncode != 0 and "predates eval.py's process metrics" in result.stderr
