@@ -142,8 +142,10 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
         obs, rewards, terminated, truncated, info = envs.step(actions)
         returns += np.where(just_reset, 0.0, rewards)
         for i in np.flatnonzero(~just_reset):
+            recall = info["read_recall"][i]  # None where nothing was shown: NaN once a vector env stacks it with floats
             traces[i].append([int(info["chunk_index"][i]), int(info["gold_facts_in_memory"][i]),
-                              int(info["stale_facts_in_memory"][i]), float(info["read_recall"][i])])
+                              int(info["stale_facts_in_memory"][i]), None if recall is None or recall != recall
+                              else float(recall)])
         just_reset[:] = False
         for i in np.flatnonzero(terminated | truncated):
             just_reset[i] = True
@@ -184,11 +186,11 @@ def process_record(trace: list[list], gold_facts: int) -> dict:
     """An episode's process metrics (atommem_env.process) from its steps' [chunk index, gold in memory, stale in
     memory, read recall]: the last step's counts, the mean recall over the steps whose Reads showed something
     (None: none did), and the trace itself (`by_step`)."""
-    recalls = [r for *_, r in trace if not np.isnan(r)]
+    recalls = [r for *_, r in trace if r is not None]
     return {"gold_facts": gold_facts, "gold_facts_in_memory": trace[-1][1] if trace else 0,
             "stale_facts_in_memory": trace[-1][2] if trace else 0,
             "read_recall": float(np.mean(recalls)) if recalls else None,
-            "by_step": [[c, g, s, None if np.isnan(r) else r] for c, g, s, r in trace]}
+            "by_step": trace}
 
 
 def evaluate_policy(policy: Policy, env_id: str, env_kwargs: dict, num_episodes: int, num_envs: int, seed: int,

@@ -160,7 +160,7 @@ class AtomMemEnv(MemoryOperations, ObservationRendering, StateSnapshots, gym.Env
     far), and the process metrics (`atommem_env.process`): `gold_facts` (the questions' current supporting
     facts), `gold_facts_in_memory` and `stale_facts_in_memory` (held verbatim by some entry now; stale: the
     superseded statements of volatile synthetic tasks), `read_recall` (share of gold facts in what this step's
-    Reads showed; NaN when they showed nothing). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `sub_em`
+    Reads showed; None when they showed nothing). At the last step also `em` (the reward before shaping), `f1` (mean token F1), `sub_em`
     (MemAgent's: a gold answer inside the answer or the answer inside it, normalised; the boxed content
     in the paper protocol), `answers` and `gold_answers`; with the paper protocol also `official_score` (the official scorer over every
     reply) and `question_em` (each question's answer against its own gold answers).

@@ -4,7 +4,7 @@ A fact counts as held where its sentence stands in an entry (lower case, white s
 dropped): a verbatim or longer copy, not a paraphrase, so a policy that rewrites facts in its own words scores
 below what it knows. Gold facts are the questions' current supporting facts; stale ones the superseded statements
 that synthetic volatile tasks mark (`current=False`). Read recall is the share of gold facts that the entries a
-step's Reads showed hold (NaN for a step that showed nothing).
+step's Reads showed hold (None for a step that showed nothing: NaN would make equal infos unequal).
 """
 
 from __future__ import annotations
@@ -52,6 +52,6 @@ class FactTracker:
             shown = normalize(retrieved)
             recall = sum(f in shown for f in self.gold) / len(self.gold)
         else:
-            recall = float("nan")
+            recall = None
         return {"gold_facts": len(self.gold), "gold_facts_in_memory": len(gold),
                 "stale_facts_in_memory": len(stale), "read_recall": recall}
