@@ -214,6 +214,7 @@ def summarize(episodes: list[dict]) -> dict:
     mean = lambda key: float(np.mean([e[key] for e in episodes]))  # noqa: E731
     valid = sum(sum(e["ops"].values()) for e in episodes)
     invalid = sum(e["invalid_ops"] for e in episodes)
+    recalls = [e["read_recall"] for e in episodes if e["read_recall"] is not None]
     return {
         "episodes": len(episodes),
         "em": mean("em"), "em_stderr": float(np.std([e["em"] for e in episodes]) / np.sqrt(len(episodes))),
@@ -231,8 +232,7 @@ def summarize(episodes: list[dict]) -> dict:
         # What memory held at the end, of the gold (current) and stale facts, and what the Reads showed of the gold.
         "process": {"gold_facts": mean("gold_facts"), "gold_facts_in_memory": mean("gold_facts_in_memory"),
                     "stale_facts_in_memory": mean("stale_facts_in_memory"),
-                    "read_recall": float(np.mean(recalls)) if (recalls := [e["read_recall"] for e in episodes
-                                                                           if e["read_recall"] is not None]) else None},
+                    "read_recall": float(np.mean(recalls)) if recalls else None},
         "records": [{k: v for k, v in e.items() if k not in ("steps", "final_feedback")} for e in episodes],
     }
 

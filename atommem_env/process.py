@@ -38,7 +38,8 @@ class FactTracker:
         return (frozenset(i for i, f in enumerate(self.gold) if f in norm),
                 frozenset(i for i, f in enumerate(self.stale) if f in norm))
 
-    def metrics(self, retrieved: str) -> dict:
+    def refresh(self) -> None:
+        """Reads the entries the memory touched since the last refresh."""
         for entry_id in self.memory.touched:
             self.holding.pop(entry_id, None)
             if entry_id in self.memory:
@@ -46,6 +47,9 @@ class FactTracker:
                 if gold or stale:
                     self.holding[entry_id] = (gold, stale)
         self.memory.touched.clear()
+
+    def metrics(self, retrieved: str) -> dict:
+        self.refresh()
         gold = set().union(*(g for g, _ in self.holding.values()))
         stale = set().union(*(s for _, s in self.holding.values()))
         if retrieved and self.gold:

@@ -51,7 +51,7 @@ class StateSnapshots:
             raise RuntimeError("call reset() before get_state(): there is no episode yet")
         episode = copy.deepcopy({name: getattr(self, name) for name in _EPISODE_FIELDS if name != "task"})
         episode["task"] = self.task  # immutable, and as long as the document: shared, not copied
-        self.facts.metrics("")  # brings the process metrics up to date, so a restore need not read every entry
+        self.facts.refresh()  # so that a restore takes what entries hold instead of reading every entry again
         episode["facts_holding"] = dict(self.facts.holding)
         return EnvState(settings=self._state_settings(), episode=episode,
                         memory=self.memory.snapshot(), scratchpad=self.scratchpad.text,

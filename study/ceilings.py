@@ -136,10 +136,10 @@ class Probe(Policy):
         relation, entity = asked_fact(obs["question"])
         if answering(obs):
             return self._answer(obs, relation, entity)
-        values = statement_values(obs["chunk"], relation, entity)
-        chunk = int(obs["chunk_index"])
         if self.kind == "rag-reader":
             return f"<create>{obs['chunk']}</create>"
+        values = statement_values(obs["chunk"], relation, entity)
+        chunk = int(obs["chunk_index"])
         if not values:
             return ""
         latest = relation.statement.format(s=entity, o=values[-1])

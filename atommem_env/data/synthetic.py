@@ -333,7 +333,8 @@ def generate_task(seed: int, *, hops: tuple[int, int] = (2, 3), distractors: int
                 metadata=(("dataset", "synthetic"), ("seed", seed), ("context_tokens", context_tokens),
                           ("hops", hops), ("distractors", distractors), ("volatility", volatility),
                           ("name_pool", name_pool), ("versions", versions), ("change_wording", change_wording),
-                          ("changeable_only", changeable_only), ("renames", renames), ("look_alike_facts", tuple(f.text for f in facts if f.look_alike))))
+                          ("changeable_only", changeable_only), ("renames", renames),
+                          ("look_alike_facts", tuple(f.text for f in facts if f.look_alike))))
 
 
 class SyntheticTaskSource:
