@@ -69,9 +69,11 @@ PAPER_ANSWER_INSTRUCTIONS = (
 )
 
 
-def user_message(obs: dict) -> str:
+def user_message(obs: dict, question: bool = True, chunk: bool = True) -> str:
+    """The observation's fields in their fixed order; without `question` or `chunk` (the TRL tools, whose
+    conversation shows both already) those sections are left out."""
     chunk_index, num_chunks = int(obs["chunk_index"]), int(obs["num_chunks"])
-    parts = [f"Question: {obs['question']}"]
+    parts = [f"Question: {obs['question']}"] if question else []
     if obs["scratchpad"]:
         parts.append(f"Scratchpad: {obs['scratchpad']}")
     if obs["retrieved"]:
@@ -79,10 +81,9 @@ def user_message(obs: dict) -> str:
     if obs["feedback"]:
         parts.append(f"Feedback: {obs['feedback']}")
     parts.append(f"Memory entries: {int(obs['memory_size'])}")
-    if chunk_index < num_chunks:
-        parts.append(f"Chunk {chunk_index + 1} of {num_chunks}:\n{obs['chunk']}")  # last: the part a cut shortens
-    else:
-        parts.append("All chunks are read. Answer now.")
+    if chunk:
+        parts.append(f"Chunk {chunk_index + 1} of {num_chunks}:\n{obs['chunk']}" if chunk_index < num_chunks
+                     else "All chunks are read. Answer now.")  # last: the part a cut shortens
     return "\n\n".join(parts)
 
 

@@ -5,7 +5,7 @@ import ast
 
 from conftest import REPO
 
-PACKAGES = ("agents", "atommem_env", "atommem_verifiers")
+PACKAGES = ("agents", "atommem_env", "atommem_verifiers", "atommem_trl")
 
 
 def _module_name(path) -> str:
