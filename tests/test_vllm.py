@@ -92,7 +92,9 @@ def test_vllm_prompt_over_the_engine_length_fails_its_episode_only(engine):
 
 
 def _run(*argv, timeout=900):
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    # The eager tests read vLLM's INFO log; importing trl in this process sets VLLM_LOGGING_LEVEL=ERROR (trl/_compat.py).
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO"}
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_grpo_with_vllm_rollouts_logs_a_small_logprob_gap(tmp_path, sft_checkpoint):
