@@ -6,7 +6,9 @@
     accelerate launch --num_processes 8 train_grpo.py ...        # whole groups per process, gathered
 
 Each chunk step of an episode is its own (prompt, completion) sample with a fresh prompt; the
-episode's group-relative advantage goes to every policy token of every step. The loss follows
+episode's group-relative advantage goes to every policy token of every step. With `--branch-at superseded`
+the G episodes of a group are continuations of one sampled episode from its snapshot where a stated fact is
+superseded, so the advantage credits what the policy did from there. The loss follows
 TRL's definitions (docs/train_grpo.md has the equations and the few departures, with reasons).
 """
 
@@ -30,11 +32,11 @@ from torch.utils.tensorboard import SummaryWriter
 from agents import LLMPolicy, local_sampler
 from agents.evaluation import make_vector_env, num_tasks, protocol_of
 from agents.trajectories import grpo_step_fields, open_trajectories, step_records, write_lines
-from agents.training import (CompletionScorer, StepSample, base_model_of, check_backend_args, check_env_args, default_bf16,
-                             disable_dropout, evaluate_and_log, hparams_table, importance_weights, load_trainer_state,
-                             logprob_gap, make_accelerator, make_reference_logprobs, padded, peak_memory_mb, rollout,
-                             rollout_metrics, save_checkpoint, setup_model, start_vllm_engine, token_logprobs,
-                             trainer_env_kwargs)
+from agents.training import (CompletionScorer, StepSample, base_model_of, branch_rollout, check_backend_args,
+                             check_env_args, default_bf16, disable_dropout, evaluate_and_log, hparams_table,
+                             importance_weights, load_trainer_state, logprob_gap, make_accelerator,
+                             make_reference_logprobs, padded, peak_memory_mb, rollout, rollout_metrics, save_checkpoint,
+                             setup_model, start_vllm_engine, token_logprobs, trainer_env_kwargs)
 
 
 @dataclass
@@ -75,6 +77,10 @@ class Args:
     """distinct tasks per rollout batch (drawn from the train split without replacement where it is big enough)"""
     group_size: int = 4
     """episodes per task (G); rollout envs = tasks_per_iteration * group_size"""
+    branch_at: Literal["start", "superseded"] = "start"
+    """start: G whole episodes per task (episode-level GRPO); superseded: G continuations from the snapshot of one
+    sampled episode at the first chunk that supersedes a stated fact (the start where none does), the group's
+    advantage credited to the steps from there (agents.training.branch_rollout)"""
     temperature: float = 1.0
     """sampling temperature at rollout (the log-probs use the same temperature)"""
     max_new_tokens: int = 64
@@ -373,13 +379,16 @@ if __name__ == "__main__":
         #    Each process runs whole groups; then every process holds all episodes and samples.
         rollout_start = time.time()
         tasks = np.repeat(draw_tasks(), args.group_size)[first_env:first_env + local_envs]
+        rollout_seed, prefix_steps = args.seed * 100_003 + iteration + first_env, []
         lm.eval()
         with accelerator.autocast():
-            samples, episodes, records = rollout(envs, policy, [int(t) for t in tasks],
-                                                 seed=args.seed * 100_003 + iteration + first_env,
-                                                 first_episode=first_env)
+            if args.branch_at == "superseded":
+                samples, episodes, records, prefix_steps = branch_rollout(
+                    envs, policy, [int(t) for t in tasks[::args.group_size]], args.group_size, rollout_seed, first_env)
+            else:
+                samples, episodes, records = rollout(envs, policy, [int(t) for t in tasks], rollout_seed, first_env)
         rollout_time = time.time() - rollout_start  # generation and env steps only
-        episodes = gather_object(episodes)
+        episodes, prefix_steps = gather_object(episodes), gather_object(prefix_steps)
         # 2. Advantages: one per episode, relative to its group, given to every step of the episode.
         rewards = episode_rewards(episodes, args)
         advantages, zero_std = group_advantages(rewards, args.group_size, args.scale_rewards)
@@ -414,6 +423,7 @@ if __name__ == "__main__":
             metrics = {**rollout_metrics(episodes, [len(s.completion_ids) for s in samples], rewards, zero_std),
                        **dict(zip(("rollout/logprob_diff_mean", "rollout/logprob_diff_max"), logprob_gap(samples))),
                        **{f"losses/{key}": np.mean(values) for key, values in stats.items() if values},
+                       **({"rollout/branch_prefix_steps": np.mean(prefix_steps)} if prefix_steps else {}),
                        "charts/episodes_per_second": num_envs / rollout_time,
                        "charts/rollout_tokens_per_second": sum(len(s.completion_ids) for s in samples) / rollout_time,
                        "charts/trainer_logprob_seconds": score_time,

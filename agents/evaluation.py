@@ -103,8 +103,11 @@ def episode_schedules(num_episodes: int, num_envs: int, process_index: int = 0, 
 
 
 def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list[list[int]], seed: int,
-                 keep_steps: bool = False, progress: Callable[[int], object] | None = None) -> list[dict]:
+                 keep_steps: bool = False, progress: Callable[[int], object] | None = None,
+                 start_states: list | None = None) -> list[dict]:
     """Runs env i through the tasks `schedules[i]`, in order; one record per episode, in the order they end.
+    `start_states[i]` (an `EnvState`, or None) puts env i's first episode at that snapshot after its reset: the
+    episode continues from there (branching rollouts), its steps and trace from that point on.
 
     An output with `error` (a failed LLM request) marks its episode failed (EM and F1 0); empty
     actions then run that episode to its end. With `keep_steps`, a record's "steps" lists
@@ -119,6 +122,10 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
     for env, schedule in zip(envs.envs, schedules):
         env.set_schedule(schedule)
     obs, _ = envs.reset(seed=seed)
+    observations = unbatch(obs, n)
+    for i, state in enumerate(start_states or []):
+        if state is not None:
+            observations[i] = envs.envs[i].unwrapped.set_state(state)
     remaining = [len(s) for s in schedules]
     failed: list[str | None] = [None] * n
     steps: list[list] = [[] for _ in range(n)]
@@ -128,7 +135,6 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
     just_reset = np.zeros(n, dtype=bool)  # the vector env's autoreset step: its action is ignored
     episodes = []
     while any(remaining):
-        observations = unbatch(obs, n)
         tasks = envs.get_attr("task")
         active = [i for i in range(n) if remaining[i] and not failed[i] and not just_reset[i]]
         actions = [""] * n
@@ -140,6 +146,7 @@ def run_episodes(envs: gym.vector.SyncVectorEnv, policy: Policy, schedules: list
                 if out.error:
                     failed[i] = out.error
         obs, rewards, terminated, truncated, info = envs.step(actions)
+        observations = unbatch(obs, n)
         returns += np.where(just_reset, 0.0, rewards)
         for i in np.flatnonzero(~just_reset):
             recall = info["read_recall"][i]  # None where nothing was shown: NaN once a vector env stacks it with floats

@@ -42,8 +42,9 @@ class StepSample:
     """The trainer's log-probs of the same tokens before the update (`score_old_logprobs`): the ratio's denominator."""
 
 
-def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int):
-    """train_grpo.py's rollout: one episode per env, env i on task task_indices[i] as episode first_episode + i.
+def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int, start_states: list | None = None):
+    """train_grpo.py's rollout: one episode per env, env i on task task_indices[i] as episode first_episode + i
+    (from `start_states[i]` where given: `branch_rollout`).
 
     Returns (samples, episodes, records): every step as a StepSample with the sampled ids and log-probs; per
     episode its reward inputs and op counts, in env order; and `run_episodes`' records with their steps, in the
@@ -51,8 +52,8 @@ def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int
     """
     from .evaluation import run_episodes
 
-    records = sorted(run_episodes(envs, policy, [[t] for t in task_indices], seed, keep_steps=True),
-                     key=lambda r: r["slot"])
+    records = sorted(run_episodes(envs, policy, [[int(t)] for t in task_indices], seed, keep_steps=True,
+                                  start_states=start_states), key=lambda r: r["slot"])
     samples, episodes = [], []
     for record in records:
         for _, output in record["steps"]:
@@ -63,6 +64,44 @@ def rollout(envs, policy, task_indices: list[int], seed: int, first_episode: int
                                                    "prompt_tokens_cut")},
                          "unanswered": float(np.mean([answer == "" for answer in record["answer"]]))})
     return samples, episodes, records
+
+
+def branch_rollout(envs, policy, group_tasks: list[int], group_size: int, seed: int, first_episode: int):
+    """train_grpo.py's rollout with `--branch-at superseded`: per group, one root episode on its task runs (sampled)
+    up to the first chunk that supersedes a stated fact (`first_superseding_chunk`; the start where none does, or
+    where the root ends first); its snapshot there starts the group's `group_size` continuations, in envs
+    g * group_size .. (g + 1) * group_size - 1. The continuations differ only after the branch point, so their
+    group-relative advantages credit the decisions from there on; the shared prefix carries no advantage and is
+    not trained on. Returns what `rollout` does, over the continuations, and the prefix steps per group."""
+    from atommem_env.process import first_superseding_chunk
+
+    from .evaluation import run_episodes
+
+    roots = [envs.envs[g * group_size].unwrapped for g in range(len(group_tasks))]
+    observations, branch_chunks, states = [], [], []
+    for g, (root, task) in enumerate(zip(roots, group_tasks)):
+        observations.append(root.reset(seed=seed + g, options={"task_index": int(task)})[0])
+        branch_chunks.append(first_superseding_chunk(root.facts, [root.chunker.chunk(k) for k in range(len(root.chunker))]))
+        states.append(root.get_state() if not branch_chunks[-1] else None)
+    start_states = [root.get_state() for root in roots]
+    prefix_steps = [0] * len(roots)
+    while True:
+        active = [g for g, state in enumerate(states) if state is None]
+        if not active:
+            break
+        outputs = policy.act([observations[g] for g in active], [roots[g].task for g in active],
+                             slots=[g * group_size for g in active])
+        for g, out in zip(active, outputs):
+            observations[g], _, terminated, truncated, _ = roots[g].step(out.text)
+            prefix_steps[g] += 1
+            if terminated or truncated or out.error:  # ended before its branch point: branch at the start
+                states[g] = start_states[g]
+            elif observations[g]["chunk_index"] >= branch_chunks[g]:
+                states[g] = roots[g].get_state()
+    samples, episodes, records = rollout(envs, policy, [task for task in group_tasks for _ in range(group_size)],
+                                         seed, first_episode,
+                                         start_states=[state for state in states for _ in range(group_size)])
+    return samples, episodes, records, prefix_steps
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

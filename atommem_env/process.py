@@ -59,3 +59,15 @@ class FactTracker:
             recall = None
         return {"gold_facts": len(self.gold), "gold_facts_in_memory": len(gold),
                 "stale_facts_in_memory": len(stale), "read_recall": recall}
+
+
+def first_superseding_chunk(tracker: FactTracker, chunks: list[str]) -> int | None:
+    """The first chunk that states a fact (current or stale) after an earlier chunk stated a stale one: where a
+    fact the policy may have stored is superseded (synthetic volatile tasks). None where no chunk does."""
+    stale_seen = False
+    for index, chunk in enumerate(chunks):
+        text = normalize(chunk)
+        if stale_seen and any(fact in text for fact in tracker.gold + tracker.stale):
+            return index
+        stale_seen = stale_seen or any(fact in text for fact in tracker.stale)
+    return None
