@@ -253,3 +253,32 @@ def test_update_steps_sorts_what_a_policy_did_with_each_superseded_fact(tmp_path
         given = {"--report": str(report), "--trajectories": str(trajectories)} | dict([flags])
         result = _tool("update_steps.py", *[x for pair in given.items() for x in pair])
         assert result.returncode != 0 and message in result.stderr
+
+
+def _task_report(path, ems, policies=("llm",), cell="2000"):
+    records = [{"task_id": task, "em": em} for task, em in ems.items()]
+    summary = {"em": sum(ems.values()) / len(ems), "em_stderr": 0.1, "episodes": len(ems), "records": records}
+    path.write_text(json.dumps({"args": {"model": path.stem}, "results": {p: {cell: summary} for p in policies}}))
+    return str(path)
+
+
+def test_paired_differences_match_tasks_by_id_and_refuse_what_cannot_be_paired(tmp_path):
+    before = _task_report(tmp_path / "before.json", {"a": 1, "b": 0, "c": 0, "d": 1, "e": 1})
+    after = _task_report(tmp_path / "after.json", {"f": 0, "e": 1, "d": 1, "c": 1, "b": 1})  # other order, a missing
+    out = tmp_path / "paired.json"
+    result = _tool("paired.py", "--before", before, "--after", after, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    # Shared b-e: differences 1, 1, 0, 0: mean 0.5, standard error sqrt(1 / 3 / 4).
+    assert "2000: 4 tasks, EM 0.500 -> 1.000, paired +0.500 ± 0.289 (2 gained, 0 lost)" in result.stdout
+    assert json.loads(out.read_text())["cells"]["2000"]["gained"] == 2
+    two = _task_report(tmp_path / "two.json", {"a": 1}, policies=("llm", "rag"))
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps({"args": {}, "results": {"llm": {"2000": {
+        "em": 1, "em_stderr": 0, "episodes": 2, "records": [{"task_id": "a", "em": 1}, {"task_id": "a", "em": 0}]}}}}))
+    other = _task_report(tmp_path / "other.json", {"z": 1})
+    elsewhere = _task_report(tmp_path / "elsewhere.json", {"a": 1}, cell="800")
+    for flags, message in (([before, two], "give one policy per report"), ([before, str(twice)], "task a ran twice"),
+                           ([before, other], "the reports share no task"), ([before, elsewhere], "no length cell in both"),
+                           ([before, str(tmp_path / "missing.json")], "is not an eval.py JSON report")):
+        result = _tool("paired.py", "--before", flags[0], "--after", flags[1])
+        assert result.returncode != 0 and message in result.stderr, (message, result.stderr)
