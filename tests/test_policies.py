@@ -16,7 +16,8 @@ from agents.models import BASE_MODEL_FILE, load_causal_lm
 from agents.training import TRAINER_STATE
 
 POLICIES = REPO / "policies"
-COMMITTED = {"volbudget_sft_lora16": 0, "volbudget_grpo_episode": 1, "volbudget_grpo_branch": 1}
+COMMITTED = {"volbudget_sft_lora16": 0, "volbudget_grpo_episode": 1, "volbudget_grpo_branch": 1,
+             "volbudget_sft_lookup_lora16": 0}
 """Each committed policy and the number of adapters merged under its own (GRPO's fresh LoRA on the SFT one)."""
 PROMPT = "Document 1: Ann lives in Bree. Where does Ann live?"
 
