@@ -75,15 +75,12 @@ def branch_rollout(envs, policy, group_tasks: list[int], group_size: int, seed: 
     not trained on. Returns what `rollout` does, over the continuations, and the prefix steps per group."""
     from atommem_env.process import first_superseding_chunk
 
-    from .evaluation import run_episodes
-
     roots = [envs.envs[g * group_size].unwrapped for g in range(len(group_tasks))]
-    observations, branch_chunks, states = [], [], []
-    for g, (root, task) in enumerate(zip(roots, group_tasks)):
-        observations.append(root.reset(seed=seed + g, options={"task_index": int(task)})[0])
-        branch_chunks.append(first_superseding_chunk(root.facts, [root.chunker.chunk(k) for k in range(len(root.chunker))]))
-        states.append(root.get_state() if not branch_chunks[-1] else None)
+    observations = [root.reset(seed=seed + g, options={"task_index": int(task)})[0]
+                    for g, (root, task) in enumerate(zip(roots, group_tasks))]
     start_states = [root.get_state() for root in roots]
+    branch_chunks = [first_superseding_chunk(root.facts, root.chunker) for root in roots]
+    states = [None if chunk else start for chunk, start in zip(branch_chunks, start_states)]
     prefix_steps = [0] * len(roots)
     while True:
         active = [g for g, state in enumerate(states) if state is None]

@@ -101,6 +101,10 @@ class Chunker:
     def __len__(self) -> int:
         return len(self.bounds)
 
+    def __iter__(self):
+        """The chunks' texts in order, as `chunk(i)` gives them."""
+        return (self.chunk(index) for index in range(len(self)))
+
     def chunk_token_count(self, index: int) -> int:
         start, end = self._span(index)
         return end - start

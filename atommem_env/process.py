@@ -10,6 +10,7 @@ step's Reads showed hold (None for a step that showed nothing: NaN would make eq
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 _SPACE = re.compile(r"\s+")
 
@@ -61,7 +62,7 @@ class FactTracker:
                 "stale_facts_in_memory": len(stale), "read_recall": recall}
 
 
-def first_superseding_chunk(tracker: FactTracker, chunks: list[str]) -> int | None:
+def first_superseding_chunk(tracker: FactTracker, chunks: Iterable[str]) -> int | None:
     """The first chunk that states a fact (current or stale) after an earlier chunk stated a stale one: where a
     fact the policy may have stored is superseded (synthetic volatile tasks). None where no chunk does."""
     stale_seen = False

@@ -26,18 +26,13 @@ def test_the_branch_chunk_is_the_first_statement_after_a_stale_one():
 
 
 class TracingPolicy(Policy):
-    """Creates one entry at the first chunk and writes "slot:chunk" into the scratchpad at every step; keeps what
-    each call saw. Its outputs carry token ids, as an LLM policy's do, so the rollout makes training samples."""
-
-    def __init__(self):
-        self.seen = []
+    """Creates one entry at the first chunk and writes "slot:chunk" into the scratchpad at every step. Its outputs
+    carry token ids, as an LLM policy's do, so the rollout makes training samples."""
 
     def act(self, observations, tasks=None, slots=None):
         outputs = []
         for obs, slot in zip(observations, slots):
             chunk = int(obs["chunk_index"])
-            self.seen.append({"slot": slot, "chunk": chunk, "scratchpad": str(obs["scratchpad"]),
-                              "memory_size": int(obs["memory_size"])})
             if chunk >= int(obs["num_chunks"]):
                 text = "<answer>nobody</answer>"
             else:
@@ -55,7 +50,7 @@ def test_each_group_continues_from_one_snapshot_at_its_branch_chunk():
     for task in tasks:
         probe = envs.envs[0].unwrapped
         probe.reset(seed=0, options={"task_index": task})
-        expected.append(first_superseding_chunk(probe.facts, [probe.chunker.chunk(k) for k in range(len(probe.chunker))]))
+        expected.append(first_superseding_chunk(probe.facts, probe.chunker))
     assert all(expected), expected  # the registered setting supersedes a fact in every task
     policy = TracingPolicy()
     samples, episodes, records, prefix_steps = branch_rollout(envs, policy, tasks, group_size, seed=5, first_episode=10)
