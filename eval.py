@@ -27,8 +27,8 @@ from agents.trajectories import open_trajectories, write_episodes
 @dataclass
 class Args:
     policies: tuple[str, ...] = ("oracle", "rag", "no-memory", "random")
-    """policies to evaluate: noop, random, oracle, oracle-broad, oracle-hops, oracle-lookup, no-memory, memagent, rag,
-    write-only, read-only, llm"""
+    """policies to evaluate: noop, random, oracle, oracle-broad, oracle-hops, oracle-lookup, oracle-scan, no-memory,
+    memagent, rag, write-only, read-only, llm"""
     env_id: str = "AtomMem/SyntheticEasy-v0"
     """a registered AtomMem env id (the default: one-hop questions, which a retrieve-then-read baseline with a
     135M reader can answer at times; AtomMem/Synthetic-v0 has 2-3 hops)"""
@@ -168,6 +168,9 @@ def explanation(args: Args) -> str:
     if "oracle-lookup" in args.policies:
         parts.append("oracle-lookup is oracle-hops that Reads each fact's subject before it writes the fact, and "
                      "Updates only an entry that Read shows about the same subject and relation.")
+    if "oracle-scan" in args.policies:
+        parts.append("oracle-scan Reads the question at every chunk, then Updates the entry that Read shows when the "
+                     "chunk restates its fact, Creates when none is shown.")
     if "random" in args.policies or "noop" in args.policies:
         parts.append("random/noop: the floor.")
     readers = [p for p in args.policies if p in READER_POLICIES]

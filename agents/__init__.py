@@ -9,8 +9,8 @@ __all__ = ["Policy", "PolicyOutput", "unbatch", "build_messages", "make_policy",
            "NoOpPolicy", "RandomPolicy", "OraclePolicy", "NoMemoryPolicy", "MemAgentPolicy", "RAGPolicy", "LLMPolicy",
            "Generation", "HFGenerator", "OpenAIGenerator", "local_sampler"]
 
-POLICIES = ("noop", "random", "oracle", "oracle-broad", "oracle-hops", "oracle-lookup", "no-memory", "memagent", "rag",
-            "write-only", "read-only", "llm")
+POLICIES = ("noop", "random", "oracle", "oracle-broad", "oracle-hops", "oracle-lookup", "oracle-scan", "no-memory",
+            "memagent", "rag", "write-only", "read-only", "llm")
 READER_POLICIES = ("no-memory", "memagent", "rag", "write-only", "read-only")
 
 
@@ -50,9 +50,10 @@ def make_policy(name: str, *, generator=None, protocol: str = "atommem", seed: i
         return NoOpPolicy()
     if name == "random":
         return RandomPolicy(seed)
-    if name in ("oracle", "oracle-broad", "oracle-hops", "oracle-lookup"):
-        return OraclePolicy(protocol, look_alikes=name != "oracle", enabled_ops=enabled_ops,
-                            read_per_hop=name in ("oracle-hops", "oracle-lookup"), look_up=name == "oracle-lookup")
+    if name in ("oracle", "oracle-broad", "oracle-hops", "oracle-lookup", "oracle-scan"):
+        return OraclePolicy(protocol, look_alikes=name not in ("oracle", "oracle-scan"), enabled_ops=enabled_ops,
+                            read_per_hop=name in ("oracle-hops", "oracle-lookup"), look_up=name == "oracle-lookup",
+                            read_each_chunk=name == "oracle-scan")
     if name in READER_POLICIES and protocol != "atommem":
         raise ValueError(f"the {name} workflow writes the atommem protocol")
     if name == "no-memory":

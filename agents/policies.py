@@ -120,6 +120,12 @@ class OraclePolicy(Policy):
     ablation), every oracle Creates the new statement beside the stale one. A stale statement and its successor in
     one chunk: only the successor is stored.
 
+    With `read_each_chunk=True` (the `oracle-scan` teacher, for a memory that holds few entries under random ids)
+    every chunk's first step Reads the question, whatever the chunk holds, so that the step which writes has the
+    entry and its id in view: it Updates the entry shown when the chunk restates its fact, Creates when no entry is
+    shown, and writes nothing otherwise. Its first step needs no decision (always the same Read) and its second
+    matches the chunk against the entry shown, the two things a small student copies (docs/study_log.md, section 7).
+
     With `look_alikes=True` (the `oracle-broad` teacher) it also stores the task's distractor
     sentences about look-alike entities (synthetic tasks list them in `look_alike_facts`) as they
     come, and leaves telling them apart to the Read: the question names its entity exactly, so a
@@ -131,7 +137,7 @@ class OraclePolicy(Policy):
     name = "oracle"
 
     def __init__(self, protocol: str = "atommem", look_alikes: bool = False, read_per_hop: bool = False,
-                 enabled_ops: Collection[str] | None = None, look_up: bool = False):
+                 enabled_ops: Collection[str] | None = None, look_up: bool = False, read_each_chunk: bool = False):
         if look_up and not read_per_hop:
             raise ValueError("look_up Reads before it writes, as the Read-per-hop teacher does: set read_per_hop too")
         self.protocol = protocol
@@ -139,6 +145,9 @@ class OraclePolicy(Policy):
         self.read_per_hop = read_per_hop
         self.can_update = enabled_ops is None or "update" in enabled_ops
         self.look_up = look_up and self.can_update
+        self.read_each_chunk = read_each_chunk
+        if read_each_chunk:
+            self.name = "oracle-scan"
         if look_alikes:
             self.name = "oracle-lookup" if look_up else "oracle-hops" if read_per_hop else "oracle-broad"
         self.entry_ids: dict[int, dict[str, int]] = {}  # slot -> fact key -> memory id
@@ -146,6 +155,7 @@ class OraclePolicy(Policy):
         self.stored: dict[int, set[str]] = {}  # slot -> fact texts written this episode
         self.reads_done: dict[int, int] = {}  # slot -> Reads sent in this episode's answer phase
         self.updates_waiting: dict[int, list[SupportingFact]] = {}  # slot -> facts whose stale entry a Read is to show
+        self.chunk_read: dict[int, int] = {}  # slot -> the chunk whose first step Read (read_each_chunk)
 
     def act(self, observations, tasks=None, slots=None):
         if tasks is None or len(tasks) != len(observations):
@@ -155,7 +165,7 @@ class OraclePolicy(Policy):
 
     def _new_facts(self, slot: int, obs: dict, task: Task):
         """The supporting facts in this chunk not written before in the episode, each once."""
-        fresh = int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
+        fresh = episode_start(obs)
         stored = self.stored[slot] = set() if fresh else self.stored.get(slot, set())
         look_alikes = task.meta.get("look_alike_facts", ()) if self.look_alikes else ()
         facts = [fact for question in task.questions for fact in question.supporting_facts]
@@ -177,12 +187,13 @@ class OraclePolicy(Policy):
     def _act_one(self, slot: int, obs: dict, task: Task) -> str:
         if self.protocol == "paper":
             return self._act_paper(slot, obs, task)
-        fresh = int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
+        fresh = episode_start(obs)
         ids = self.entry_ids[slot] = {} if fresh else self.entry_ids.get(slot, {})
         created = [int(n) for n in re.findall(r"^created entry (\d+)$", obs["feedback"], re.MULTILINE)]
         ids.update(zip(self.pending.pop(slot, []) if not fresh else [], created))
         if fresh:
             self.reads_done[slot] = 0
+            self.chunk_read.pop(slot, None)
         if answering(obs):
             if self.read_per_hop:
                 reads = hop_reads(task)
@@ -196,6 +207,10 @@ class OraclePolicy(Policy):
             multi = len(task.questions) > 1
             return format_ops([Answer(q.answers[0], question=i + 1 if multi else None)
                                for i, q in enumerate(task.questions)])
+        if self.read_each_chunk and self.chunk_read.get(slot) != int(obs["chunk_index"]):
+            self.chunk_read[slot] = int(obs["chunk_index"])
+            self.updates_waiting[slot] = list(self._new_facts(slot, obs, task))
+            return format_ops([Read(task.questions[0].question)])
         ops, creates, waiting = [], {}, []  # creates: fact key -> index of its Create in ops
 
         def store(fact: SupportingFact):
@@ -207,7 +222,7 @@ class OraclePolicy(Policy):
                 ops.append(Create(fact.text))
 
         for fact in self.updates_waiting.pop(slot, []) if not fresh else []:  # last step's Read was for these
-            if fact.key in ids and f"[id {ids[fact.key]}]" in obs["retrieved"]:
+            if self.can_update and fact.key in ids and f"[id {ids[fact.key]}]" in obs["retrieved"]:
                 ops.append(Update(fact.text, entry_id=ids[fact.key]))
             else:
                 store(fact)
@@ -225,6 +240,12 @@ class OraclePolicy(Policy):
             ops[:0] = [Read(subject) for subject in dict.fromkeys(map(fact_subject, waiting))]
         self.pending[slot] = list(creates)
         return format_ops(ops)
+
+
+def episode_start(obs: dict) -> bool:
+    """Whether an observation is an episode's first: chunk 0 with nothing stored, read or reported yet."""
+    return (int(obs["chunk_index"]) == 0 and not int(obs["memory_size"]) and not obs["feedback"]
+            and not obs["retrieved"])
 
 
 def key_subject(fact: SupportingFact) -> str:

@@ -115,12 +115,51 @@ def test_the_lookup_teacher_without_update_is_the_hops_teacher():
         OraclePolicy(look_alikes=True, look_up=True)
 
 
-@pytest.mark.parametrize("name", ["oracle", "oracle-hops"])
+@pytest.mark.parametrize("name", ["oracle", "oracle-hops", "oracle-scan"])
 def test_with_update_disabled_the_oracles_create_the_new_statement_instead(name):
     episodes = _teacher_episodes(name, {**VOLATILE, "enabled_ops": ["create", "read", "delete", "scratchpad"]})
     assert all(e["em"] == 1.0 and e["invalid_ops"] == 0 and e["ops"]["update"] == 0 for e in episodes)
     full = _teacher_episodes(name, VOLATILE)
     assert sum(e["ops"]["create"] for e in episodes) == sum(e["ops"]["create"] + e["ops"]["update"] for e in full)
+
+
+def _budget_episodes(name, tasks=16, **env_args):
+    """The teacher on train tasks 0..tasks-1 of the volatile budget setting, in two envs, steps kept."""
+    kwargs = make_env_kwargs("AtomMem/SyntheticVolatileBudget-v0", split="train", embedder="hashing", **env_args)
+    envs = make_vector_env("AtomMem/SyntheticVolatileBudget-v0", kwargs, 2)
+    episodes = run_episodes(envs, make_policy(name), [list(range(0, tasks, 2)), list(range(1, tasks, 2))], seed=0,
+                            keep_steps=True)
+    envs.close()
+    return episodes
+
+
+def test_the_scan_teacher_reads_the_question_at_every_chunk_and_writes_by_the_id_shown():
+    """Issue 41, section 7: a chunk's first step is always the same Read, so the write has the entry's id in view;
+    and it never sends an op the one-entry memory refuses (the look-up teacher's look-alike Creates)."""
+    episodes = _budget_episodes("oracle-scan")
+    assert make_policy("oracle-scan").name == "oracle-scan"
+    assert all(e["em"] == 1.0 and e["invalid_ops"] == 0 for e in episodes)
+    assert sum(e["ops"]["update"] for e in episodes) >= 32
+    assert sum(e["invalid_ops"] for e in _budget_episodes("oracle-lookup")) > 0
+    for e in episodes:
+        question = e["steps"][0][0]["question"]
+        reading = [(obs, out.text) for obs, out in e["steps"] if obs["chunk_index"] < obs["num_chunks"]]
+        firsts = [text for obs, text in reading if int(obs["reads_left"]) == 2]
+        assert len(firsts) == e["steps"][0][0]["num_chunks"] and set(firsts) == {f"<read>{question}</read>"}
+        for obs, text in reading:
+            if int(obs["reads_left"]) == 1:
+                assert "<read>" not in text
+                for entry_id in re.findall(r'<update id="(\d+)">', text):
+                    assert f"[id {entry_id}]" in obs["retrieved"]
+                assert "<create>" not in text or obs["retrieved"].startswith("(no entries")
+
+
+def test_a_fact_in_the_first_chunk_survives_the_read_before_it():
+    """Before: the step after a Read on chunk 0 (no feedback, empty memory) looked like a new episode to the
+    oracle, which forgot the facts the Read was for and stored nothing."""
+    episodes = _budget_episodes("oracle-scan", tasks=4, chunk_tokens=4000)
+    assert all(e["steps"][0][0]["num_chunks"] == 1 for e in episodes)
+    assert all(e["em"] == 1.0 and e["ops"]["create"] == 1 for e in episodes)
 
 
 def test_a_stale_statement_and_its_successor_in_one_chunk_store_the_successor_only():
