@@ -15,11 +15,12 @@ TWO_HOP = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 0}}
 VOLATILE = {"synthetic": {"hops": [2, 2], "distractors": 2, "volatility": 1.0}}
 
 
-def _teacher_episodes(name, extra, tasks=8):
-    """The teacher on train tasks 0..tasks-1 in two envs, 800 tokens in 256-token chunks, steps kept."""
-    kwargs = make_env_kwargs("AtomMem/Synthetic-v0", split="train", embedder="hashing", context_tokens=800,
-                             chunk_tokens=256, extra=extra)
-    envs = make_vector_env("AtomMem/Synthetic-v0", kwargs, 2)
+def _teacher_episodes(name, extra, tasks=8, env_id="AtomMem/Synthetic-v0", context_tokens=800, chunk_tokens=256):
+    """The teacher on train tasks 0..tasks-1 in two envs, 800 tokens in 256-token chunks unless told (None: the
+    id's own), steps kept."""
+    kwargs = make_env_kwargs(env_id, split="train", embedder="hashing", context_tokens=context_tokens,
+                             chunk_tokens=chunk_tokens, extra=extra)
+    envs = make_vector_env(env_id, kwargs, 2)
     episodes = run_episodes(envs, make_policy(name, enabled_ops=extra.get("enabled_ops")),
                             [list(range(0, tasks, 2)), list(range(1, tasks, 2))], seed=0, keep_steps=True)
     envs.close()
@@ -123,14 +124,9 @@ def test_with_update_disabled_the_oracles_create_the_new_statement_instead(name)
     assert sum(e["ops"]["create"] for e in episodes) == sum(e["ops"]["create"] + e["ops"]["update"] for e in full)
 
 
-def _budget_episodes(name, tasks=16, **env_args):
-    """The teacher on train tasks 0..tasks-1 of the volatile budget setting, in two envs, steps kept."""
-    kwargs = make_env_kwargs("AtomMem/SyntheticVolatileBudget-v0", split="train", embedder="hashing", **env_args)
-    envs = make_vector_env("AtomMem/SyntheticVolatileBudget-v0", kwargs, 2)
-    episodes = run_episodes(envs, make_policy(name), [list(range(0, tasks, 2)), list(range(1, tasks, 2))], seed=0,
-                            keep_steps=True)
-    envs.close()
-    return episodes
+def _budget_episodes(name, tasks=16, chunk_tokens=None):
+    """The teacher on train tasks of the volatile budget setting, at its registered length."""
+    return _teacher_episodes(name, {}, tasks, "AtomMem/SyntheticVolatileBudget-v0", None, chunk_tokens)
 
 
 def test_the_scan_teacher_reads_the_question_at_every_chunk_and_writes_by_the_id_shown():
