@@ -27,7 +27,7 @@ from agents.prompt import encode_prompt
 from agents.training import (CompletionScorer, base_model_of, check_backend_args, check_env_args, default_bf16,
                              evaluate_and_log, hparams_table, load_trainer_state, make_accelerator, pack,
                              peak_memory_mb, save_checkpoint, setup_model, start_vllm_engine, trainer_env_kwargs)
-from atommem_env.protocols import Delete, Read, Update, parse_action
+from atommem_env.protocols import Create, Delete, Read, Update, parse_action
 
 
 @dataclass
@@ -66,8 +66,11 @@ class Args:
     only_successful: bool = True
     """keep only teacher episodes that scored EM 1"""
     repeat_update_steps: int = 1
-    """times each teacher step that Updates or Deletes becomes a sample, and so does a Read step just before it (the
-    Read that showed the entry's id): a rare decision weighs more (teacher episodes only; 1: once, like any step)"""
+    """times each teacher step with one of --repeated-ops (default: Update, Delete) becomes a sample, and so does a
+    Read step just before it (the Read that showed the entry's id): a rare decision weighs more (teacher episodes only; 1: once, like any step)"""
+    repeated_ops: tuple[str, ...] = ("update", "delete")
+    """the ops whose steps --repeat-update-steps repeats (any of create, update, delete): add create where the
+    student misses the first write too"""
     num_envs: int = 8
     """vector envs for teacher rollouts and evaluation"""
     model: str = "tiny"
@@ -159,7 +162,8 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
     for e in sorted(episodes, key=lambda e: e["task_index"]):
         if e["em"] == 1.0 or not args.only_successful:
             for (observation, output), times in zip(e["steps"], step_repeats(e["steps"], protocol,
-                                                                             args.repeat_update_steps)):
+                                                                             args.repeat_update_steps,
+                                                                             args.repeated_ops)):
                 samples += [{"messages": output.messages or build_messages(observation, protocol),
                              "completion": output.text}] * times
                 repeated += times - 1
@@ -167,13 +171,17 @@ def collect_teacher_samples(args: Args) -> tuple[list[dict], dict]:
                      "repeated_samples": repeated}
 
 
-def step_repeats(steps: list, protocol: str, times: int) -> list[int]:
-    """How often each step of an episode becomes a sample: `times` for a step that Updates or Deletes and for a
-    Read step just before it, once for any other."""
+REPEATABLE_OPS = {"create": Create, "update": Update, "delete": Delete}
+
+
+def step_repeats(steps: list, protocol: str, times: int, ops: tuple[str, ...] = ("update", "delete")) -> list[int]:
+    """How often each step of an episode becomes a sample: `times` for a step with one of `ops` (names in
+    REPEATABLE_OPS) and for a Read step just before it, once for any other."""
+    repeated = {REPEATABLE_OPS[name] for name in ops}
     kinds = [{type(op) for op in parse_action(output.text, protocol).ops} for _, output in steps]
     repeats = [1] * len(steps)
     for i, step_kinds in enumerate(kinds):
-        if step_kinds & {Update, Delete}:
+        if step_kinds & repeated:
             repeats[i] = times
             if i and Read in kinds[i - 1]:
                 repeats[i - 1] = times
@@ -258,6 +266,8 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --teacher {args.teacher}: unknown policy; choose from {list(POLICIES)}")
     if args.trajectories and args.repeat_update_steps != 1:
         raise SystemExit("error: --repeat-update-steps needs teacher episodes; a --trajectories file has no steps")
+    if not args.repeated_ops or set(args.repeated_ops) - set(REPEATABLE_OPS):
+        raise SystemExit(f"error: --repeated-ops takes some of {sorted(REPEATABLE_OPS)}, got {list(args.repeated_ops)}")
     if min(args.num_epochs, args.batch_size, args.gradient_accumulation_steps, args.num_envs, args.max_prompt_tokens,
            args.num_train_episodes, args.max_completion_tokens, args.repeat_update_steps) <= 0 or args.eval_episodes < 0:
         raise SystemExit("error: sizes and counts must be positive")

@@ -61,6 +61,7 @@ def test_sft_lora_from_trajectories_and_resume(sft_checkpoint, tmp_path):
     (["--teacher", "bogus"], "--teacher bogus: unknown policy"),
     (["--top-k", "2", "0"], "--top-k must be positive"),
     (["--repeat-update-steps", "0"], "sizes and counts must be positive"),
+    (["--repeated-ops", "read"], "--repeated-ops takes some of ['create', 'delete', 'update'], got ['read']"),
     (["--repeat-update-steps", "3", "--trajectories", "tests/fixtures/2wiki_dev_sample.json"], "needs teacher episodes"),
     (["--vllm-enforce-eager"], "--vllm-enforce-eager is for --backend vllm"),
 ])
@@ -396,6 +397,26 @@ def test_update_steps_and_the_read_before_them_repeat_as_asked():
     pairs = {j for i in updates for j in (i - 1, i)}
     assert thrice == [s for i, s in enumerate(once) for _ in range(3 if i in pairs else 1)]
     assert stats["repeated_samples"] == 2 * len(pairs) and stats["teacher_em"] == 1.0
+
+
+def test_repeated_ops_can_add_the_create_steps():
+    """The oracle-scan student missed the first write as well as the Updates (docs/study_log.md section 8)."""
+    import train_sft
+
+    kwargs = dict(env_id="AtomMem/SyntheticVolatileBudget-v0", teacher="oracle-scan", num_train_episodes=2,
+                  num_envs=2, repeat_update_steps=2)
+    once, _ = train_sft.collect_teacher_samples(train_sft.Args(env_id=kwargs["env_id"], teacher="oracle-scan",
+                                                               num_train_episodes=2, num_envs=2))
+    updates_only, _ = train_sft.collect_teacher_samples(train_sft.Args(**kwargs))
+    writes, stats = train_sft.collect_teacher_samples(train_sft.Args(**kwargs, repeated_ops=("create", "update")))
+    creates = [i for i, s in enumerate(once) if s["completion"].startswith("<create>")]
+    updates = [i for i, s in enumerate(once) if s["completion"].startswith("<update id=")]
+    assert len(creates) == 2 and updates
+    assert all(once[i - 1]["completion"].startswith("<read>") for i in creates + updates)
+    assert updates_only == [s for i, s in enumerate(once) for _ in range(2 if i in {*updates, *(j - 1 for j in updates)} else 1)]
+    pairs = {j for i in creates + updates for j in (i - 1, i)}
+    assert writes == [s for i, s in enumerate(once) for _ in range(2 if i in pairs else 1)]
+    assert stats["repeated_samples"] == len(pairs)
 
 
 def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
