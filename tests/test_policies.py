@@ -17,7 +17,7 @@ from agents.training import TRAINER_STATE
 
 POLICIES = REPO / "policies"
 COMMITTED = {"volbudget_sft_lora16": 0, "volbudget_grpo_episode": 1, "volbudget_grpo_branch": 1,
-             "volbudget_sft_lookup_lora16": 0}
+             "volbudget_sft_lookup_lora16": 0, "volbudget_sft_scan_writes2_lora16": 0}
 """Each committed policy and the number of adapters merged under its own (GRPO's fresh LoRA on the SFT one)."""
 PROMPT = "Document 1: Ann lives in Bree. Where does Ann live?"
 
@@ -49,17 +49,40 @@ def test_a_committed_policy_loads_and_moves_the_base_model(name, base_logits):
     assert (_logits(model, tokenizer) - base_logits).abs().max() > 0.1
 
 
+def _greedy_policy(name: str):
+    """The `llm` policy of a committed checkpoint as its reports ran it: greedy, train_sft.py's prompt budget."""
+    return make_policy("llm", generator=make_generator(str(POLICIES / name), device="cpu", dtype="float32",
+                                                       max_new_tokens=96, temperature=0.0, max_prompt_tokens=1024))
+
+
 def test_the_sft_policy_writes_what_its_teacher_writes_at_the_first_fact():
     """Eval task 1 states its fact in chunk 0: the SFT student stores it in the teacher's words (traced in
     docs/study_log.md, section 6, where it goes wrong later: an Update by an id it cannot see)."""
-    policy = make_policy("llm", generator=make_generator(str(POLICIES / "volbudget_sft_lora16"), device="cpu",
-                                                         dtype="float32", max_new_tokens=96, temperature=0.0,
-                                                         max_prompt_tokens=1024))
+    policy = _greedy_policy("volbudget_sft_lora16")
     env = gym.make("AtomMem/SyntheticVolatileBudget-v0", embedder="hashing", split="eval")
     obs, _ = env.reset(seed=0, options={"task_index": 1})
     (output,) = policy.act([obs], [env.unwrapped.task], slots=[0])
     (teacher,) = make_policy("oracle").act([obs], [env.unwrapped.task], slots=[0])
     assert output.text == teacher.text and teacher.text.startswith("<create>")
     _, _, _, _, info = env.step(output.text)
+    assert info["invalid_ops"] == 0 and info["memory_size"] == 1
+    env.close()
+
+
+def test_the_scan_student_reads_the_question_then_stores_the_first_fact_as_its_teacher():
+    """Eval task 1 states its fact in chunk 0: the oracle-scan student (write steps weighed twice) Reads the
+    question, then Creates the fact in its teacher's words, the write section 7's student left out
+    (docs/study_log.md, section 8)."""
+    policy, teacher = _greedy_policy("volbudget_sft_scan_writes2_lora16"), make_policy("oracle-scan")
+    env = gym.make("AtomMem/SyntheticVolatileBudget-v0", embedder="hashing", split="eval")
+    obs, _ = env.reset(seed=0, options={"task_index": 1})
+    actions = []
+    for _ in range(2):
+        (output,) = policy.act([obs], [env.unwrapped.task], slots=[0])
+        (taught,) = teacher.act([obs], [env.unwrapped.task], slots=[0])
+        assert output.text == taught.text
+        actions.append(output.text)
+        obs, _, _, _, info = env.step(output.text)
+    assert actions[0].startswith("<read>") and actions[1].startswith("<create>")
     assert info["invalid_ops"] == 0 and info["memory_size"] == 1
     env.close()

@@ -3,6 +3,7 @@ cannot read."""
 
 import importlib.util
 import json
+import sys
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -282,3 +283,33 @@ def test_paired_differences_match_tasks_by_id_and_refuse_what_cannot_be_paired(t
                            ([before, str(tmp_path / "missing.json")], "is not an eval.py JSON report")):
         result = _tool("paired.py", "--before", flags[0], "--after", flags[1])
         assert result.returncode != 0 and message in result.stderr, (message, result.stderr)
+
+
+def test_teacher_forced_counts_the_students_step_kinds_on_the_teachers_states(tmp_path):
+    _spec = importlib.util.spec_from_file_location("teacher_forced", REPO / "study" / "teacher_forced.py")
+    teacher_forced = importlib.util.module_from_spec(_spec)
+    sys.modules["teacher_forced"] = teacher_forced  # its dataclass looks its module up there
+    _spec.loader.exec_module(teacher_forced)
+    assert [teacher_forced.step_kind(a, "atommem") for a in
+            ("<read>q</read>", "", "thinking aloud", '<update id="3">x', '<create>a</create><read>b</read>')] == \
+        ["read", "none", "none", "invalid", "create"]
+    assert teacher_forced.agreement([("read", "read"), ("update", "none"), ("update", "update")]) == {
+        "read": {"steps": 1, "same": 1, "student": {"read": 1}},
+        "update": {"steps": 2, "same": 1, "student": {"none": 1, "update": 1}}}
+
+    out = tmp_path / "forced.json"
+    result = _tool("teacher_forced.py", "--checkpoint", "tiny", "--num-tasks", "1", "--num-envs", "1",
+                   "--max-new-tokens", "8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    table = json.loads(out.read_text())["by_teacher_kind"]
+    assert {"read", "create", "answer"} <= set(table)  # oracle-scan: a Read at every chunk, a first write, an answer
+    assert all(sum(row["student"].values()) == row["steps"] >= row["same"] for row in table.values())
+    assert "on oracle-scan's states, train tasks 0-0 of AtomMem/SyntheticVolatileBudget-v0" in result.stdout
+    for bad, message in ((["--teacher", "nobody"], "--teacher nobody: unknown policy"),
+                         (["--num-tasks", "0"], "sizes and counts must be positive"),
+                         (["--env-id", "AtomMem/Nothing-v0"], "--env-id AtomMem/Nothing-v0: unknown"),
+                         (["--env-kwargs", "{not json"], "--env-kwargs must be a JSON object"),
+                         (["--checkpoint", "runs/no_such_run/checkpoint"], "model path not found")):
+        flags = ["--checkpoint", "tiny", *bad] if bad[0] != "--checkpoint" else bad
+        result = _tool("teacher_forced.py", *flags)
+        assert result.returncode != 0 and message in result.stderr, (bad, result.stderr)
