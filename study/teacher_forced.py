@@ -20,7 +20,6 @@ from pathlib import Path
 
 import tyro
 
-import atommem_env
 from agents import POLICIES, build_messages, make_generator, make_policy
 from agents.evaluation import episode_schedules, make_env_kwargs, make_vector_env, parse_env_kwargs, protocol_of, \
     run_episodes
@@ -79,12 +78,10 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --teacher {args.teacher}: unknown policy; choose from {list(POLICIES)}")
     if min(args.num_tasks, args.num_envs, args.max_prompt_tokens, args.max_new_tokens) <= 0:
         raise SystemExit("error: sizes and counts must be positive")
-    if args.env_id not in atommem_env.ENV_IDS:
-        raise SystemExit(f"error: --env-id {args.env_id}: unknown; choose from {sorted(atommem_env.ENV_IDS)}")
-    try:
-        protocol = protocol_of(args.env_id, args.env_kwargs)
+    try:  # make_env_kwargs refuses an unknown id before protocol_of looks it up
         env_kwargs = make_env_kwargs(args.env_id, split="train", embedder=args.embedder,
                                      extra=parse_env_kwargs(args.env_kwargs))
+        protocol = protocol_of(args.env_id, args.env_kwargs)
         envs = make_vector_env(args.env_id, env_kwargs, args.num_envs)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None

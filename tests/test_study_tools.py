@@ -307,7 +307,7 @@ def test_teacher_forced_counts_the_students_step_kinds_on_the_teachers_states(tm
     assert "on oracle-scan's states, train tasks 0-0 of AtomMem/SyntheticVolatileBudget-v0" in result.stdout
     for bad, message in ((["--teacher", "nobody"], "--teacher nobody: unknown policy"),
                          (["--num-tasks", "0"], "sizes and counts must be positive"),
-                         (["--env-id", "AtomMem/Nothing-v0"], "--env-id AtomMem/Nothing-v0: unknown"),
+                         (["--env-id", "AtomMem/Nothing-v0"], "unknown env id 'AtomMem/Nothing-v0'"),
                          (["--env-kwargs", "{not json"], "--env-kwargs must be a JSON object"),
                          (["--checkpoint", "runs/no_such_run/checkpoint"], "model path not found")):
         flags = ["--checkpoint", "tiny", *bad] if bad[0] != "--checkpoint" else bad

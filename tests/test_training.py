@@ -404,19 +404,22 @@ def test_repeated_ops_can_add_the_create_steps():
     import train_sft
 
     kwargs = dict(env_id="AtomMem/SyntheticVolatileBudget-v0", teacher="oracle-scan", num_train_episodes=2,
-                  num_envs=2, repeat_update_steps=2)
-    once, _ = train_sft.collect_teacher_samples(train_sft.Args(env_id=kwargs["env_id"], teacher="oracle-scan",
-                                                               num_train_episodes=2, num_envs=2))
-    updates_only, _ = train_sft.collect_teacher_samples(train_sft.Args(**kwargs))
-    writes, stats = train_sft.collect_teacher_samples(train_sft.Args(**kwargs, repeated_ops=("create", "update")))
+                  num_envs=2)
+    once, _ = train_sft.collect_teacher_samples(train_sft.Args(**kwargs))
+    updates_only, _ = train_sft.collect_teacher_samples(train_sft.Args(**kwargs, repeat_update_steps=2))
+    writes, stats = train_sft.collect_teacher_samples(train_sft.Args(**kwargs, repeat_update_steps=2,
+                                                                     repeated_ops=("create", "update")))
     creates = [i for i, s in enumerate(once) if s["completion"].startswith("<create>")]
     updates = [i for i, s in enumerate(once) if s["completion"].startswith("<update id=")]
     assert len(creates) == 2 and updates
     assert all(once[i - 1]["completion"].startswith("<read>") for i in creates + updates)
-    assert updates_only == [s for i, s in enumerate(once) for _ in range(2 if i in {*updates, *(j - 1 for j in updates)} else 1)]
-    pairs = {j for i in creates + updates for j in (i - 1, i)}
-    assert writes == [s for i, s in enumerate(once) for _ in range(2 if i in pairs else 1)]
-    assert stats["repeated_samples"] == len(pairs)
+
+    def twice_with_the_read_before(steps):
+        pairs = {j for i in steps for j in (i - 1, i)}
+        return [s for i, s in enumerate(once) for _ in range(2 if i in pairs else 1)], len(pairs)
+
+    assert updates_only == twice_with_the_read_before(updates)[0]
+    assert (writes, stats["repeated_samples"]) == twice_with_the_read_before(creates + updates)
 
 
 def test_sft_teacher_episodes_take_the_context_lengths_in_turn():
