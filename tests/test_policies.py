@@ -17,7 +17,8 @@ from agents.training import TRAINER_STATE
 
 POLICIES = REPO / "policies"
 COMMITTED = {"volbudget_sft_lora16": 0, "volbudget_grpo_episode": 1, "volbudget_grpo_branch": 1,
-             "volbudget_sft_lookup_lora16": 0, "volbudget_sft_scan_writes2_lora16": 0}
+             "volbudget_sft_lookup_lora16": 0, "volbudget_sft_scan_writes2_lora16": 0,
+             "volbudget_grpo_scan_episode": 1, "volbudget_grpo_scan_branch": 1}
 """Each committed policy and the number of adapters merged under its own (GRPO's fresh LoRA on the SFT one)."""
 PROMPT = "Document 1: Ann lives in Bree. Where does Ann live?"
 
